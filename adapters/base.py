@@ -1,0 +1,348 @@
+"""The adapter base class: one protocol for every method.
+
+The base owns the step (forward, sample selection, loss, backward, optimiser step), the counters,
+reset and the state dict. A method only says how it selects samples and what its loss is, so adding
+a method is adding one file (see ``adapters/methods``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from adapters.configure import (
+    adaptable_parameters,
+    model_device,
+    model_hash,
+    require_norm_layers,
+    use_batch_statistics,
+)
+from adapters.guard import MANUAL, CollapseGuard, CollapseGuardOptions
+from adapters.prob_cache import InProcessProbabilityCache, ProbabilityCache
+
+ENTROPY_EMA_MOMENTUM = 0.9
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Per-sample Shannon entropy (natural log) of softmax(logits)."""
+    log_p = logits.log_softmax(1)
+    return -(log_p.exp() * log_p).sum(1)
+
+
+class AdapterOptions(BaseModel):
+    """Options common to every method. Unknown options are refused by name."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class OptimizedOptions(AdapterOptions):
+    """Options of methods that update parameters (Tent, EATA, EATA-C)."""
+
+    optimizer: Literal["adam", "sgd"] = Field("adam", description="Adam as in the CIFAR reference settings")
+    lr: float = Field(1e-3, gt=0, description="learning rate (CIFAR: Adam 1e-3; ImageNet: SGD 0.00025)")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas")
+    weight_decay: float = Field(0.0, ge=0)
+    backward: Literal["full", "selected"] = Field(
+        "full",
+        description="'full' back-propagates the loss through the whole batch graph (paper); 'selected' "
+        "predicts without gradient and re-forwards only the selected samples with gradient",
+    )
+    guard: CollapseGuardOptions = Field(default_factory=CollapseGuardOptions)
+
+
+@dataclass
+class StepResult:
+    """What one step returns: the pre-update prediction and per-sample flags."""
+
+    logits: torch.Tensor
+    entropy: torch.Tensor
+    reliable: torch.Tensor
+    selected: torch.Tensor
+    updated: bool = False
+    loss: float | None = None
+    reset_reason: str | None = None
+    parameter_version: int = 0
+
+    @property
+    def probabilities(self) -> torch.Tensor:
+        return self.logits.softmax(1)
+
+
+@dataclass
+class AdapterStats:
+    """Running statistics; ``samples_selected`` is the number of samples back-propagated."""
+
+    steps: int = 0
+    updates: int = 0
+    samples_seen: int = 0
+    samples_reliable: int = 0
+    samples_selected: int = 0
+    entropy_ema: float | None = None
+    parameter_version: int = 0
+    resets: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total_resets(self) -> int:
+        return sum(self.resets.values())
+
+
+class Adapter:
+    """Base adapter. Subclasses set ``name``/``Options`` and override the hooks below."""
+
+    name: ClassVar[str] = "base"
+    Options: ClassVar[type[AdapterOptions]] = AdapterOptions
+    #: False for the frozen source model (eval mode, running statistics, no norm layer needed).
+    uses_batch_statistics: ClassVar[bool] = True
+    #: False for methods that never update parameters (source, norm).
+    updates_parameters: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        options: AdapterOptions,
+        *,
+        num_classes: int | None = None,
+        prob_cache: ProbabilityCache | None = None,
+    ) -> None:
+        self.options = options
+        self.source_hash = model_hash(model)
+        self.model = copy.deepcopy(model)
+        if self.uses_batch_statistics:
+            require_norm_layers(self.model, self.name)
+            use_batch_statistics(self.model)
+            self.params = adaptable_parameters(self.model)
+        else:
+            self.model.eval().requires_grad_(False)
+            self.params = {}
+        self.device = model_device(self.model)
+        self.num_classes = num_classes
+        self.prob_cache: ProbabilityCache = prob_cache or InProcessProbabilityCache()
+        self.source_params = {name: p.detach().clone() for name, p in self.params.items()}
+        self.optimizer = self._build_optimizer()
+        guard_options = getattr(options, "guard", CollapseGuardOptions())
+        self.guard = CollapseGuard(guard_options)
+        self.stats = AdapterStats()
+
+    # ----------------------------------------------------------------- hooks for methods
+    def select(self, logits: torch.Tensor, ent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masks (reliable, selected) for the batch; default: every sample is both."""
+        every = torch.ones_like(ent, dtype=torch.bool)
+        return every, every
+
+    def loss(self, x: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The method's loss over the samples in ``mask`` (``x``/``logits`` carry the graph)."""
+        raise NotImplementedError
+
+    def after_update(self, probs: torch.Tensor) -> None:
+        """Called with the selected samples' (detached) probabilities after a step."""
+
+    def calibrate(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """The logits to return for ``x``, computed before the update; default: unchanged."""
+        return logits
+
+    def reset_extra(self) -> None:
+        """Reset method-specific state."""
+
+    # ----------------------------------------------------------------- the step
+    @property
+    def e0(self) -> float | None:
+        """Entropy margin (EATA); None for methods without one."""
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits with the current weights, no update and no counters (async serving, evaluation)."""
+        x = x.to(self.device)
+        with torch.no_grad():
+            return self.calibrate(x, self.forward(x))
+
+    def step(self, x: torch.Tensor) -> StepResult:
+        """Predict ``x`` and, for adapting methods, take one update step on it.
+
+        The logits returned are those of the forward pass *before* this batch's update.
+        """
+        x = x.to(self.device)
+        grad_forward = self.updates_parameters and self.options.backward == "full"  # type: ignore[attr-defined]
+        with torch.set_grad_enabled(grad_forward):
+            logits = self.forward(x)
+        if self.num_classes is None:
+            self.num_classes = logits.shape[1]
+        detached = logits.detach()
+        ent = entropy(detached)
+        reliable, selected = self.select(detached, ent)
+        returned = self.calibrate(x, detached)
+        loss_value: float | None = None
+        updated = False
+        if self.updates_parameters and bool(selected.any()):
+            if grad_forward:
+                loss = self.loss(x, logits, selected)
+            else:
+                with torch.enable_grad():
+                    x_sel = x[selected]
+                    loss = self.loss(x_sel, self.forward(x_sel), torch.ones_like(selected[selected]))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            loss_value = float(loss.detach())
+            updated = True
+            self.after_update(detached[selected].softmax(1))
+        reset_reason = self._account(ent, reliable, selected, updated, detached.argmax(1))
+        return StepResult(
+            logits=returned,
+            entropy=ent,
+            reliable=reliable,
+            selected=selected,
+            updated=updated,
+            loss=loss_value,
+            reset_reason=reset_reason,
+            parameter_version=self.stats.parameter_version,
+        )
+
+    def _account(
+        self,
+        ent: torch.Tensor,
+        reliable: torch.Tensor,
+        selected: torch.Tensor,
+        updated: bool,
+        predictions: torch.Tensor,
+    ) -> str | None:
+        stats = self.stats
+        stats.steps += 1
+        stats.samples_seen += int(ent.numel())
+        stats.samples_reliable += int(reliable.sum())
+        stats.samples_selected += int(selected.sum()) if updated else 0
+        if updated:
+            stats.updates += 1
+            stats.parameter_version += 1
+        batch_entropy = float(ent.mean())
+        if stats.entropy_ema is None:
+            stats.entropy_ema = batch_entropy
+        else:
+            stats.entropy_ema = ENTROPY_EMA_MOMENTUM * stats.entropy_ema + (1 - ENTROPY_EMA_MOMENTUM) * batch_entropy
+        if not self.updates_parameters:
+            return None
+        self.guard.observe(predictions)
+        reason = self.guard.check(stats.entropy_ema, self.e0, self.parameter_drift())
+        if reason is not None:
+            self.reset(reason)
+        return reason
+
+    # ----------------------------------------------------------------- reset and state
+    def _build_optimizer(self) -> torch.optim.Optimizer | None:
+        if not self.updates_parameters or not self.params:
+            return None
+        opts = self.options
+        params = list(self.params.values())
+        if opts.optimizer == "sgd":  # type: ignore[attr-defined]
+            return torch.optim.SGD(
+                params,
+                lr=opts.lr,  # type: ignore[attr-defined]
+                momentum=opts.momentum,  # type: ignore[attr-defined]
+                weight_decay=opts.weight_decay,  # type: ignore[attr-defined]
+            )
+        return torch.optim.Adam(
+            params,
+            lr=opts.lr,  # type: ignore[attr-defined]
+            betas=opts.betas,  # type: ignore[attr-defined]
+            weight_decay=opts.weight_decay,  # type: ignore[attr-defined]
+        )
+
+    def reset(self, reason: str = MANUAL) -> None:
+        """Restore source weights, a fresh optimiser and every moving average, and count why."""
+        with torch.no_grad():
+            for name, param in self.params.items():
+                param.copy_(self.source_params[name])
+        self.optimizer = self._build_optimizer()
+        self.prob_cache.clear()
+        self.guard.reset()
+        self.stats.entropy_ema = None
+        self.stats.parameter_version += 1
+        self.stats.resets[reason] = self.stats.resets.get(reason, 0) + 1
+        self.reset_extra()
+
+    def parameter_drift(self) -> float:
+        """Relative L2 distance of the adapted parameters from the source ones."""
+        if not self.params:
+            return 0.0
+        with torch.no_grad():
+            num = sum(float((p - self.source_params[n]).pow(2).sum()) for n, p in self.params.items())
+            den = sum(float(s.pow(2).sum()) for s in self.source_params.values())
+        return math.sqrt(num / max(den, 1e-12))
+
+    def adapted_parameters(self) -> dict[str, torch.Tensor]:
+        """Detached copies of the parameters adaptation changes (small: norm affine only)."""
+        return {name: p.detach().clone() for name, p in self.params.items()}
+
+    def load_adapted_parameters(self, params: dict[str, torch.Tensor]) -> None:
+        """Overwrite the adapted parameters (e.g. a follower taking a leader's snapshot)."""
+        if set(params) != set(self.params):
+            missing, extra = set(self.params) - set(params), set(params) - set(self.params)
+            raise ValueError(f"parameter set does not match this model: missing {sorted(missing)[:5]}, "
+                             f"unexpected {sorted(extra)[:5]}")
+        with torch.no_grad():
+            for name, value in params.items():
+                if value.shape != self.params[name].shape:
+                    raise ValueError(f"parameter {name}: shape {tuple(value.shape)} != "
+                                     f"{tuple(self.params[name].shape)}")
+                self.params[name].copy_(value.to(self.params[name].device, self.params[name].dtype))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: adapted parameters, optimiser, moving average, counters."""
+        return {
+            "method": self.name,
+            "model_hash": self.source_hash,
+            "num_classes": self.num_classes,
+            "params": self.adapted_parameters(),
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()) if self.optimizer else None,
+            "prob_cache": self.prob_cache.state_dict(),
+            "guard": self.guard.state_dict(),
+            "stats": asdict(self.stats),
+            "extra": self.extra_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict`; refuses a state of another method or model."""
+        if state.get("method") != self.name:
+            raise ValueError(f"state is for method {state.get('method')!r}, this adapter is {self.name!r}")
+        if state.get("model_hash") != self.source_hash:
+            raise ValueError(
+                f"state belongs to model {state.get('model_hash')}, this adapter's model is {self.source_hash}"
+            )
+        self.load_adapted_parameters(state["params"])
+        self.optimizer = self._build_optimizer()
+        if self.optimizer is not None and state.get("optimizer") is not None:
+            self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+        self.prob_cache.load_state_dict(state.get("prob_cache", {}))
+        self.guard.load_state_dict(state.get("guard", {}))
+        self.num_classes = state.get("num_classes", self.num_classes)
+        stats = dict(state.get("stats", {}))
+        stats["resets"] = dict(stats.get("resets", {}))
+        self.stats = AdapterStats(**stats)
+        self.load_extra_state(state.get("extra", {}))
+
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def describe(self) -> dict[str, Any]:
+        """Method, effective options and derived values, for logs, APIs and benchmark JSON."""
+        return {
+            "method": self.name,
+            "options": self.options.model_dump(),
+            "num_classes": self.num_classes,
+            "e0": self.e0,
+            "adapted_parameters": sum(p.numel() for p in self.params.values()),
+            "model_hash": self.source_hash,
+        }
+

@@ -1,0 +1,10 @@
+"""norm (BN-adapt): normalise with the current batch's statistics, never update a parameter."""
+
+from adapters.base import Adapter
+from adapters.registry import register
+
+
+@register
+class Norm(Adapter):
+    name = "norm"
+    updates_parameters = False
