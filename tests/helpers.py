@@ -1,0 +1,46 @@
+"""Small models and data shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def small_bn_cnn(num_classes: int = 10, seed: int = 0) -> nn.Module:
+    """A tiny BatchNorm CNN on 3x8x8 inputs: fast enough for behaviour tests."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, num_classes),
+    ).eval()
+
+
+def small_gn_cnn(num_classes: int = 10) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.GroupNorm(2, 8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, num_classes),
+    ).eval()
+
+
+def small_ln_mlp(num_classes: int = 10) -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(192, 32), nn.LayerNorm(32), nn.GELU(), nn.Linear(32, num_classes))
+
+
+def no_norm_mlp(num_classes: int = 10) -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(192, 32), nn.ReLU(), nn.Linear(32, num_classes))
+
+
+def images(n: int = 32, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, 8, 8, generator=g)
