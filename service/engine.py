@@ -1,0 +1,454 @@
+"""The engine: micro-batches requests for a model and runs its adapter on one worker thread.
+
+Routes hand the engine validated image tensors (float NCHW in [0, 1]); the engine never sees HTTP.
+
+Small batches and BatchNorm (the policy, also in docs/serving.md): adapting methods normalise with
+batch statistics, so a lone image has no meaningful statistics.
+
+* A micro-batch of at least ``min_adapt_batch`` images is predicted (and, in sync mode, adapted on)
+  as it is.
+* A smaller batch is predicted together with up to ``min_adapt_batch - n`` recent inputs (the
+  *context*); only its own rows are returned. With no context yet (the first requests after start),
+  the frozen source model answers (counted as ``frozen_fallbacks``).
+* Small batches are not adapted on one by one: they accumulate until ``min_adapt_batch`` images are
+  pending, then one adaptation step runs on them off the request path.
+
+Modes: ``sync`` answers from the forward pass that adapts (paper-faithful); ``async`` answers from a
+no-gradient forward with the current weights and queues the batch for adaptation, dropping (and
+counting) adaptation work when ``adapt_queue_size`` batches are already waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+import adapters
+from service.model_sources import LoadedModel
+from service.settings import ModelConfig
+from service.snapshots import InMemorySnapshotStore, SnapshotInfo, SnapshotStore
+from service.worker import ADAPT, PREDICT, ModelWorker
+
+log = logging.getLogger(__name__)
+
+
+class InvalidInput(ValueError):
+    """Input the model cannot take; the message says what is wrong."""
+
+
+class UnknownRequestIds(KeyError):
+    """Feedback for request ids the engine does not remember."""
+
+    def __init__(self, ids: list[str]) -> None:
+        super().__init__(ids)
+        self.ids = ids
+
+
+class SnapshotNotFound(KeyError):
+    pass
+
+
+@dataclass
+class Prediction:
+    """One image's answer. ``selected`` is None when the decision is made after answering."""
+
+    request_id: str
+    probabilities: torch.Tensor
+    label: int
+    confidence: float
+    entropy: float
+    reliable: bool | None
+    selected: bool | None
+    parameter_version: int
+
+
+class EngineObserver:
+    """Hooks the metrics layer implements; the defaults do nothing."""
+
+    def on_batch(self, model: str, size: int, seconds: float) -> None: ...
+
+    def on_step(self, model: str, result: adapters.StepResult, seconds: float) -> None: ...
+
+    def on_adapt_dropped(self, model: str, samples: int) -> None: ...
+
+    def on_reset(self, model: str, reason: str) -> None: ...
+
+    def on_queue_depth(self, model: str, depth: int) -> None: ...
+
+
+@dataclass
+class _Pending:
+    images: torch.Tensor
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class EngineCounters:
+    images_served: int = 0
+    batches: int = 0
+    frozen_fallbacks: int = 0
+    adapt_batches_queued: int = 0
+    adapt_batches_dropped: int = 0
+    adapt_samples_dropped: int = 0
+
+
+class ModelEngine:
+    """Serves one model: batching, adaptation, feedback, snapshots and reset."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        loaded: LoadedModel,
+        *,
+        device: torch.device,
+        observer: EngineObserver | None = None,
+        prob_cache: adapters.ProbabilityCache | None = None,
+        snapshots: SnapshotStore | None = None,
+        feedback_window: int = 1000,
+        prediction_memory: int = 100_000,
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self.classes = loaded.classes
+        self.device = device
+        self.observer = observer or EngineObserver()
+        self.adapter = adapters.create(
+            config.method,
+            loaded.module,
+            num_classes=len(loaded.classes),
+            prob_cache=prob_cache,
+            fisher=loaded.fisher,
+            **config.effective_options(),
+        )
+        self.source = adapters.create("source", loaded.module)
+        self.snapshots: SnapshotStore = snapshots or InMemorySnapshotStore()
+        self.counters = EngineCounters()
+        self._worker = ModelWorker(config.name)
+        self._queue: asyncio.Queue[_Pending] | None = None
+        self._carry: _Pending | None = None
+        self._batcher: asyncio.Task | None = None
+        self._context: deque[torch.Tensor] = deque(maxlen=max(config.context_size, 0))
+        self._pending_adapt: list[torch.Tensor] = []
+        self._memory: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        self._memory_size = prediction_memory
+        self._labelled: deque[tuple[float, bool]] = deque(maxlen=feedback_window)
+        self._last_reset_reason: str | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (3, *self.config.input_size)
+
+    @property
+    def adapts(self) -> bool:
+        return self.adapter.updates_parameters
+
+    async def start(self) -> None:
+        self._queue = asyncio.Queue()
+        self._batcher = asyncio.create_task(self._batch_loop(), name=f"batcher-{self.name}")
+
+    async def stop(self) -> None:
+        if self._batcher is not None:
+            self._batcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._batcher
+        await asyncio.get_running_loop().run_in_executor(None, self._worker.stop)
+
+    @property
+    def ready(self) -> bool:
+        return self._batcher is not None and not self._batcher.done()
+
+    # ------------------------------------------------------------------ prediction
+    def validate(self, images: torch.Tensor) -> torch.Tensor:
+        """Check a batch against the model's input; raises :class:`InvalidInput` naming the problem."""
+        if not isinstance(images, torch.Tensor):
+            raise InvalidInput("images must be a tensor")
+        expected = self.input_shape
+        if images.dim() != 4 or tuple(images.shape[1:]) != expected:
+            raise InvalidInput(f"expected shape [N, {', '.join(map(str, expected))}], got {list(images.shape)}")
+        if images.shape[0] == 0:
+            raise InvalidInput("no images in the request")
+        if images.shape[0] > self.config.max_images_per_request:
+            raise InvalidInput(
+                f"{images.shape[0]} images in one request; the limit is {self.config.max_images_per_request}"
+            )
+        if not torch.isfinite(images).all():
+            raise InvalidInput("input contains NaN or infinite values")
+        return images.float()
+
+    async def predict(self, images: torch.Tensor) -> list[Prediction]:
+        """Answer every image of a request; concurrent requests are batched together."""
+        if self._queue is None:
+            raise RuntimeError(f"engine {self.name} is not started")
+        images = self.validate(images)
+        loop = asyncio.get_running_loop()
+        parts = []
+        for chunk in images.split(self.config.max_batch_size):
+            pending = _Pending(chunk, loop.create_future())
+            self._queue.put_nowait(pending)
+            parts.append(pending.future)
+        self.observer.on_queue_depth(self.name, self._queue.qsize())
+        results = await asyncio.gather(*parts)
+        return [p for part in results for p in part]
+
+    async def _next_batch(self) -> list[_Pending]:
+        assert self._queue is not None
+        first = self._carry or await self._queue.get()
+        self._carry = None
+        batch, size = [first], first.images.shape[0]
+        deadline = time.perf_counter() + self.config.max_delay_ms / 1000
+        while size < self.config.max_batch_size:
+            try:
+                item = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    break
+                try:
+                    item = await asyncio.wait_for(self._queue.get(), remaining)
+                except TimeoutError:
+                    break
+            if size + item.images.shape[0] > self.config.max_batch_size:
+                self._carry = item
+                break
+            batch.append(item)
+            size += item.images.shape[0]
+        return batch
+
+    async def _batch_loop(self) -> None:
+        while True:
+            batch = await self._next_batch()
+            x = torch.cat([p.images for p in batch]) if len(batch) > 1 else batch[0].images
+            try:
+                predictions = await asyncio.wrap_future(self._worker.submit(lambda x=x: self._run_batch(x), PREDICT))
+            except Exception as exc:  # an engine fault fails this batch's requests, not the server
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(exc)
+                continue
+            offset = 0
+            for p in batch:
+                n = p.images.shape[0]
+                if not p.future.done():
+                    p.future.set_result(predictions[offset : offset + n])
+                offset += n
+
+    # ------------------------------------------------------------------ worker-thread side
+    def _run_batch(self, x: torch.Tensor) -> list[Prediction]:
+        """Predict (and in sync mode adapt on) one micro-batch. Runs on the worker thread."""
+        started = time.perf_counter()
+        n = x.shape[0]
+        cfg = self.config
+        reliable: torch.Tensor | None = None
+        selected: torch.Tensor | None = None
+        if not self.adapter.uses_batch_statistics:
+            logits = self.source.predict(x)
+        elif cfg.mode == "sync" and self.adapts and n >= cfg.min_adapt_batch:
+            result = self._step(x)
+            logits, reliable, selected = result.logits, result.reliable, result.selected
+        else:
+            logits = self._predict_with_context(x)
+            if self.adapts:
+                self._schedule_adaptation(x)
+        self._context.extend(x.detach().cpu().unbind(0))
+        probs = logits.detach().float().softmax(1).cpu()
+        entropy = adapters.entropy(logits.detach().float()).cpu()
+        if reliable is None and self.adapter.e0 is not None:
+            reliable = entropy < self.adapter.e0
+        version = self.adapter.stats.parameter_version
+        confidence, label = probs.max(1)
+        predictions = []
+        for i in range(n):
+            request_id = uuid.uuid4().hex
+            predictions.append(
+                Prediction(
+                    request_id=request_id,
+                    probabilities=probs[i],
+                    label=int(label[i]),
+                    confidence=float(confidence[i]),
+                    entropy=float(entropy[i]),
+                    reliable=None if reliable is None else bool(reliable[i]),
+                    selected=None if selected is None else bool(selected[i]),
+                    parameter_version=version,
+                )
+            )
+            self._remember(request_id, int(label[i]), float(confidence[i]))
+        self.counters.images_served += n
+        self.counters.batches += 1
+        self.observer.on_batch(self.name, n, time.perf_counter() - started)
+        return predictions
+
+    def _predict_with_context(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        if not self.adapter.uses_batch_statistics or n >= self.config.min_adapt_batch:
+            return self.adapter.predict(x)
+        need = self.config.min_adapt_batch - n
+        context = list(self._context)[-need:] if need > 0 else []
+        if not context:
+            self.counters.frozen_fallbacks += n
+            return self.source.predict(x)
+        padded = torch.cat([x, torch.stack(context).to(x.device)])
+        return self.adapter.predict(padded)[:n]
+
+    def _step(self, x: torch.Tensor) -> adapters.StepResult:
+        started = time.perf_counter()
+        result = self.adapter.step(x)
+        self.observer.on_step(self.name, result, time.perf_counter() - started)
+        if result.reset_reason is not None:
+            self._last_reset_reason = result.reset_reason
+            log.warning("model %s: adapter reset (%s)", self.name, result.reset_reason)
+            self.observer.on_reset(self.name, result.reset_reason)
+        return result
+
+    def _schedule_adaptation(self, x: torch.Tensor) -> None:
+        """Queue adaptation on ``x`` (small batches accumulate first); drop and count when full."""
+        self._pending_adapt.append(x)
+        pending = sum(t.shape[0] for t in self._pending_adapt)
+        if pending < self.config.min_adapt_batch:
+            return
+        batch = torch.cat(self._pending_adapt)
+        self._pending_adapt = []
+        if self._worker.pending(ADAPT) >= self.config.adapt_queue_size:
+            self.counters.adapt_batches_dropped += 1
+            self.counters.adapt_samples_dropped += batch.shape[0]
+            self.observer.on_adapt_dropped(self.name, batch.shape[0])
+            return
+        self.counters.adapt_batches_queued += 1
+        self._worker.submit(lambda: self._step(batch), ADAPT)
+
+    def _remember(self, request_id: str, label: int, confidence: float) -> None:
+        self._memory[request_id] = (label, confidence)
+        while len(self._memory) > self._memory_size:
+            self._memory.popitem(last=False)
+
+    # ------------------------------------------------------------------ admin operations
+    async def _on_worker(self, fn: Any) -> Any:
+        return await asyncio.wrap_future(self._worker.submit(fn, PREDICT))
+
+    async def reset(self) -> None:
+        def do_reset() -> None:
+            self.adapter.reset(adapters.guard.MANUAL)
+            self._pending_adapt = []
+            self._last_reset_reason = adapters.guard.MANUAL
+
+        await self._on_worker(do_reset)
+        self.observer.on_reset(self.name, adapters.guard.MANUAL)
+
+    def feedback(self, labels: dict[str, int]) -> dict[str, Any]:
+        """Record true labels for earlier request ids; all-or-nothing so a typo never half-applies."""
+        unknown = [rid for rid in labels if rid not in self._memory]
+        if unknown:
+            raise UnknownRequestIds(unknown)
+        bad = {rid: lab for rid, lab in labels.items() if not 0 <= lab < len(self.classes)}
+        if bad:
+            raise InvalidInput(f"labels out of range 0..{len(self.classes) - 1}: {bad}")
+        for rid, true_label in labels.items():
+            predicted, confidence = self._memory.pop(rid)
+            self._labelled.append((confidence, predicted == true_label))
+        return {"accepted": len(labels), **self.online_calibration()}
+
+    def online_calibration(self) -> dict[str, Any]:
+        """Rolling accuracy and ECE (percent) over the labelled window."""
+        if not self._labelled:
+            return {"labelled": 0, "accuracy": None, "ece": None}
+        acc = adapters.CalibrationAccumulator()
+        conf = torch.tensor([c for c, _ in self._labelled])
+        hit = torch.tensor([h for _, h in self._labelled])
+        acc.add(conf, hit)
+        return {"labelled": len(self._labelled), "accuracy": acc.accuracy(), "ece": acc.ece()}
+
+    async def save_snapshot(self, name: str) -> SnapshotInfo:
+        state = await self._on_worker(self.adapter.state_dict)
+        return self.snapshots.save(self.name, name, state)
+
+    def list_snapshots(self) -> list[SnapshotInfo]:
+        return self.snapshots.list(self.name)
+
+    async def restore_snapshot(self, name: str) -> SnapshotInfo:
+        try:
+            state = self.snapshots.load(self.name, name)
+        except KeyError:
+            raise SnapshotNotFound(name) from None
+        await self._on_worker(lambda: self.adapter.load_state_dict(state))
+        return next(s for s in self.list_snapshots() if s.name == name)
+
+    async def adaptation_info(self) -> dict[str, Any]:
+        return await self._on_worker(self._info)
+
+    def _info(self) -> dict[str, Any]:
+        stats = self.adapter.stats
+        description = self.adapter.describe()
+        return {
+            "model": self.name,
+            "method": self.adapter.name,
+            "mode": self.config.mode,
+            "options": description["options"],
+            "e0": description["e0"],
+            "steps": stats.steps,
+            "updates": stats.updates,
+            "samples_seen": stats.samples_seen,
+            "samples_reliable": stats.samples_reliable,
+            "samples_selected": stats.samples_selected,
+            "entropy_ema": stats.entropy_ema,
+            "parameter_version": stats.parameter_version,
+            "parameter_drift": self.adapter.parameter_drift(),
+            "resets": dict(stats.resets),
+            "last_reset_reason": self._last_reset_reason,
+            "images_served": self.counters.images_served,
+            "batches": self.counters.batches,
+            "frozen_fallbacks": self.counters.frozen_fallbacks,
+            "adapt_batches_queued": self.counters.adapt_batches_queued,
+            "adapt_batches_dropped": self.counters.adapt_batches_dropped,
+            "adapt_samples_dropped": self.counters.adapt_samples_dropped,
+            "online": self.online_calibration(),
+            "fisher": description.get("fisher", False),
+        }
+
+
+class UnknownModel(KeyError):
+    def __init__(self, name: str, known: list[str]) -> None:
+        super().__init__(name)
+        self.name = name
+        self.known = known
+
+    def __str__(self) -> str:
+        return f"unknown model {self.name!r}; served models: {self.known}"
+
+
+class EngineRegistry:
+    """The engines of every configured model, by name."""
+
+    def __init__(self, engines: list[ModelEngine]) -> None:
+        self._engines = {e.name: e for e in engines}
+
+    def get(self, name: str) -> ModelEngine:
+        if name not in self._engines:
+            raise UnknownModel(name, sorted(self._engines))
+        return self._engines[name]
+
+    def names(self) -> list[str]:
+        return sorted(self._engines)
+
+    def __iter__(self):
+        return iter(self._engines.values())
+
+    async def start(self) -> None:
+        for engine in self._engines.values():
+            await engine.start()
+
+    async def stop(self) -> None:
+        for engine in self._engines.values():
+            await engine.stop()
+
+    @property
+    def ready(self) -> bool:
+        return all(e.ready for e in self._engines.values())

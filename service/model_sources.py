@@ -1,0 +1,113 @@
+"""Build the served nn.Module from a model configuration: built-in, TorchScript or ``module:factory``.
+
+Weights always load with ``weights_only=True`` (or safetensors): nothing is unpickled from files.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import adapters
+from adapters.models import CheckpointError, Normalized, build_cifar_resnet, load_state_dict_file, load_weights
+from adapters.models.digits import DIGIT_CLASSES, digits_split, load_digits_model
+from service.settings import ModelConfig
+
+log = logging.getLogger(__name__)
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+class ModelLoadError(RuntimeError):
+    """A model that cannot be built or loaded; the message names the model and the cause."""
+
+
+@dataclass
+class LoadedModel:
+    """The module to serve (inputs: float NCHW in [0, 1]), its class names and Fisher information."""
+
+    module: nn.Module
+    classes: list[str]
+    fisher: adapters.FisherInfo | None
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA when available; an explicit CUDA device without CUDA is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def _build_module(config: ModelConfig) -> nn.Module:
+    if config.architecture == "digits":
+        return load_digits_model()
+    if config.architecture is not None:
+        return build_cifar_resnet(config.architecture, config.weights)
+    if config.torchscript is not None:
+        if not config.torchscript.is_file():
+            raise FileNotFoundError(f"TorchScript file not found: {config.torchscript}")
+        return torch.jit.load(str(config.torchscript), map_location="cpu")
+    module_name, _, attr = config.factory.partition(":")  # type: ignore[union-attr]
+    factory = getattr(importlib.import_module(module_name), attr)
+    module = factory()
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"factory {config.factory} returned {type(module).__name__}, not an nn.Module")
+    return module
+
+
+def _default_classes(config: ModelConfig, num_outputs: int) -> list[str]:
+    if config.classes is not None:
+        return list(config.classes)
+    if config.architecture == "digits":
+        return list(DIGIT_CLASSES)
+    if config.architecture is not None:
+        return list(CIFAR10_CLASSES)
+    return [str(i) for i in range(num_outputs)]
+
+
+def _fisher(config: ModelConfig, module: nn.Module) -> adapters.FisherInfo | None:
+    if config.method not in ("eata", "eata-c"):
+        return None
+    if config.fisher is not None:
+        return adapters.FisherInfo.load(config.fisher, module)
+    if config.fisher_data is not None:
+        from benchmarks.data import load_npz, to_tensor
+
+        x, _ = load_npz(config.fisher_data)
+        return adapters.estimate_fisher(module, to_tensor(x[: config.fisher_size]))
+    if config.architecture == "digits":  # the built-in model ships its clean data
+        (x, _), _ = digits_split()
+        images = torch.from_numpy(x[: config.fisher_size]).permute(0, 3, 1, 2).float() / 255
+        return adapters.estimate_fisher(module, images)
+    log.warning("model %s: no Fisher information configured; EATA runs without its anti-forgetting term",
+                config.name)
+    return None
+
+
+def load_model(config: ModelConfig, device: torch.device) -> LoadedModel:
+    """Build, load and check a configured model; every failure becomes a :class:`ModelLoadError`."""
+    try:
+        module = _build_module(config)
+        if config.weights is not None and config.architecture is None:
+            load_weights(module, load_state_dict_file(config.weights), source=str(config.weights))
+        if config.mean is not None and config.std is not None:
+            module = Normalized(module, config.mean, config.std)
+        module = module.eval()
+        with torch.no_grad():
+            probe = module(torch.rand(2, 3, *config.input_size))
+        if probe.dim() != 2:
+            raise ValueError(f"the model must return N x classes logits, got shape {tuple(probe.shape)}")
+        classes = _default_classes(config, probe.shape[1])
+        if len(classes) != probe.shape[1]:
+            raise ValueError(f"{len(classes)} class names configured but the model has {probe.shape[1]} outputs")
+        fisher = _fisher(config, module)
+        return LoadedModel(module.to(device), classes, fisher)
+    except (OSError, ValueError, TypeError, RuntimeError, ImportError, AttributeError, CheckpointError) as exc:
+        raise ModelLoadError(f"model {config.name!r}: {exc}") from exc

@@ -1,0 +1,169 @@
+"""Server and model configuration: environment variables (``TTA_...``) plus a YAML/TOML model file.
+
+Bad configuration fails at start-up with a message naming the field, never at the first request.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+import adapters
+
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+BUILTIN_ARCHITECTURES = ("digits", "resnet20", "resnet32", "resnet44", "resnet56")
+
+
+class ConfigError(ValueError):
+    """Configuration that cannot be served; the message names the field."""
+
+
+class ModelConfig(BaseModel):
+    """One served model: where it comes from, how inputs are prepared, and how it adapts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=MODEL_NAME_PATTERN, description="URL-safe model name")
+    architecture: str | None = Field(None, description=f"built-in architecture: {', '.join(BUILTIN_ARCHITECTURES)}")
+    torchscript: Path | None = Field(None, description="a TorchScript file (torch.jit.save)")
+    factory: str | None = Field(None, description="'module:function' returning an nn.Module")
+    weights: Path | None = Field(None, description="state dict (.pt/.th with weights_only, or .safetensors)")
+    classes: list[str] | None = Field(None, description="class names; default from the architecture")
+    input_size: tuple[int, int] = Field((32, 32), description="height, width the model expects")
+    mean: tuple[float, float, float] | None = Field(None, description="normalisation applied before the model")
+    std: tuple[float, float, float] | None = None
+    method: str = Field("eata", description="adaptation method: source, norm, tent, eata, eata-c")
+    options: dict[str, Any] = Field(default_factory=dict, description="method options (see adapters)")
+    mode: Literal["sync", "async"] = Field(
+        "sync", description="sync: answer from the forward pass that adapts; async: adapt off the request path"
+    )
+    fisher: Path | None = Field(None, description="a saved Fisher file for eata/eata-c")
+    fisher_data: Path | None = Field(None, description="npz of clean images (x uint8 NxHxWx3) to estimate Fisher")
+    fisher_size: int = Field(500, ge=1, description="clean images used from fisher_data")
+    max_batch_size: int = Field(64, ge=1, le=4096)
+    max_delay_ms: float = Field(5.0, ge=0, le=10_000, description="how long a batch waits to fill")
+    min_adapt_batch: int = Field(
+        16, ge=1, description="batches smaller than this are answered with recent inputs as BN context"
+    )
+    context_size: int = Field(64, ge=0, description="recent inputs kept as BatchNorm context for small batches")
+    adapt_queue_size: int = Field(8, ge=1, description="async mode: pending adaptation batches before dropping")
+    max_images_per_request: int = Field(64, ge=1)
+    collapse_guard: bool = Field(True, description="reset on collapse signals (library default is off)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        sources = [s for s in (self.architecture, self.torchscript, self.factory) if s is not None]
+        if len(sources) != 1:
+            raise ValueError("give exactly one of 'architecture', 'torchscript' or 'factory'")
+        if self.architecture is not None and self.architecture not in BUILTIN_ARCHITECTURES:
+            raise ValueError(
+                f"architecture {self.architecture!r} is not built in; choose one of {list(BUILTIN_ARCHITECTURES)}"
+            )
+        if self.factory is not None and ":" not in self.factory:
+            raise ValueError("factory must look like 'package.module:function'")
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("give both 'mean' and 'std', or neither")
+        try:
+            adapters.method_options(self.method, **self.effective_options())
+        except adapters.AdapterConfigError as exc:
+            raise ValueError(str(exc)) from None
+        if (self.fisher or self.fisher_data) and self.method not in ("eata", "eata-c"):
+            raise ValueError(f"'fisher'/'fisher_data' only apply to eata and eata-c, not {self.method!r}")
+        return self
+
+    def effective_options(self) -> dict[str, Any]:
+        """Method options with the service's collapse-guard default applied."""
+        options = dict(self.options)
+        if self.collapse_guard and self.method in ("tent", "eata", "eata-c"):
+            options.setdefault("guard", {"enabled": True})
+        return options
+
+
+class Settings(BaseSettings):
+    """Server settings. Every field can be set as ``TTA_<FIELD>`` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="TTA_", extra="ignore")
+
+    config: Path | None = Field(None, description="YAML or TOML file listing models (and server settings)")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    admin_token: SecretStr | None = Field(None, description="bearer token required by admin routes")
+    device: str = Field("auto", description="'auto' (cuda when available), 'cpu', 'cuda' or 'cuda:N'")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads")
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="largest accepted request body")
+    max_image_pixels: int = Field(4096 * 4096, ge=1, description="largest decoded image (width x height)")
+    feedback_window: int = Field(1000, ge=1, description="labelled predictions in the online accuracy/ECE window")
+    prediction_memory: int = Field(100_000, ge=1, description="recent request ids kept for delayed feedback")
+    models: list[ModelConfig] = Field(default_factory=list)
+
+    @field_validator("models")
+    @classmethod
+    def _unique_names(cls, models: list[ModelConfig]) -> list[ModelConfig]:
+        names = [m.name for m in models]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate model names: {duplicates}")
+        return models
+
+    def resolved_models(self) -> list[ModelConfig]:
+        """The configured models, or the built-in ``digits`` default when none is configured."""
+        return self.models or [default_model()]
+
+
+def default_model() -> ModelConfig:
+    """The zero-configuration model: the digits CNN adapting with EATA."""
+    return ModelConfig(name="digits", architecture="digits", method="eata")
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot parse config file {path}: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def _relative_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Model file paths in a config file are relative to that file."""
+    for model in data.get("models", []) or []:
+        if isinstance(model, dict):
+            for key in ("torchscript", "weights", "fisher", "fisher_data"):
+                if isinstance(model.get(key), str) and not Path(model[key]).is_absolute():
+                    model[key] = str(base / model[key])
+    return data
+
+
+def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
+    """Settings from the environment, the config file (``config`` or ``TTA_CONFIG``), then overrides."""
+    try:
+        env = Settings()
+        path = config or env.config
+        data: dict[str, Any] = _relative_paths(_read_file(path), path.parent) if path else {}
+        merged = {**data, **{k: v for k, v in overrides.items() if v is not None}}
+        settings = Settings(**merged) if merged else env
+        if path:
+            settings.config = path
+        return settings
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line per problem, each naming the field path (e.g. ``models.0.method``)."""
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "config"
+        lines.append(f"{where}: {err['msg']}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
