@@ -1,0 +1,179 @@
+"""The engine as the routes use it: batching, the small-batch policy, modes, feedback, snapshots."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from helpers import small_bn_cnn
+
+import adapters
+from service.engine import InvalidInput, ModelEngine, SnapshotNotFound, UnknownRequestIds
+from service.model_sources import LoadedModel
+from service.settings import ConfigError, ModelConfig, Settings, load_settings
+
+CLASSES = [str(i) for i in range(10)]
+
+
+def make_engine(model=None, **overrides) -> ModelEngine:
+    fields = {"name": "m", "factory": "helpers:small_bn_cnn", "input_size": (8, 8), "method": "eata",
+              "max_delay_ms": 20.0} | overrides
+    config = ModelConfig(**fields)
+    loaded = LoadedModel(model or small_bn_cnn(), CLASSES, None)
+    return ModelEngine(config, loaded, device=torch.device("cpu"))
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def started(engine: ModelEngine):
+    await engine.start()
+    return engine
+
+
+def images(n, seed=0):
+    return torch.rand(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_answer():
+    async def scenario():
+        engine = await started(make_engine(method="source", max_batch_size=16))
+        x = images(40)
+        expected = engine.source.predict(x).softmax(1)
+        answers = await asyncio.gather(*[engine.predict(x[i : i + 1]) for i in range(40)])
+        await engine.stop()
+        return engine, expected, answers
+
+    engine, expected, answers = run(scenario())
+    assert all(len(a) == 1 for a in answers)
+    got = torch.stack([a[0].probabilities for a in answers])
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert engine.counters.batches < 40  # requests were grouped into micro-batches
+    assert len({a[0].request_id for a in answers}) == 40
+
+
+def test_sync_mode_adapts_on_full_batches_and_reports_selection():
+    async def scenario():
+        engine = await started(make_engine(options={"e0": 10.0, "redundancy_eps": 2.0}))
+        first = await engine.predict(images(32))
+        second = await engine.predict(images(32, seed=1))
+        info = await engine.adaptation_info()
+        await engine.stop()
+        return first, second, info
+
+    first, second, info = run(scenario())
+    assert all(p.selected is True for p in first)
+    assert first[0].parameter_version == 1 and second[0].parameter_version == 2
+    assert info["steps"] == 2 and info["samples_selected"] == 64 and info["parameter_drift"] > 0
+
+
+def test_small_batches_use_recent_inputs_as_context_and_adapt_once_enough_accumulate():
+    async def scenario():
+        engine = await started(make_engine(min_adapt_batch=8, options={"e0": 10.0, "redundancy_eps": 2.0}))
+        lone = await engine.predict(images(1))  # nothing to lean on yet: the frozen model answers
+        fallbacks_after_first = engine.counters.frozen_fallbacks
+        for seed in range(1, 9):
+            await engine.predict(images(1, seed=seed))
+        await asyncio.sleep(0.2)  # the adaptation step runs off the request path
+        info = await engine.adaptation_info()
+        await engine.stop()
+        return lone, fallbacks_after_first, info
+
+    lone, fallbacks, info = run(scenario())
+    assert lone[0].selected is None  # decided after answering
+    assert fallbacks == 1 and info["frozen_fallbacks"] == 1
+    assert info["steps"] == 1 and info["samples_seen"] == 8  # nine images: one step of eight, one pending
+
+
+def test_async_mode_answers_every_request_and_drops_adaptation_work_when_full():
+    async def scenario():
+        engine = await started(make_engine(mode="async", adapt_queue_size=1, max_batch_size=16, max_delay_ms=0))
+        answers = await asyncio.gather(*[engine.predict(images(16, seed=s)) for s in range(12)])
+        await asyncio.sleep(0.5)
+        info = await engine.adaptation_info()
+        await engine.stop()
+        return answers, info
+
+    answers, info = run(scenario())
+    assert sum(len(a) for a in answers) == 12 * 16
+    assert info["adapt_batches_queued"] + info["adapt_batches_dropped"] == 12
+    assert info["steps"] == info["adapt_batches_queued"]
+    assert info["adapt_samples_dropped"] == 16 * info["adapt_batches_dropped"]
+
+
+def test_bad_input_is_refused_with_the_problem_named():
+    engine = make_engine(max_images_per_request=4)
+    with pytest.raises(InvalidInput, match=r"expected shape \[N, 3, 8, 8\]"):
+        engine.validate(torch.rand(2, 3, 32, 32))
+    with pytest.raises(InvalidInput, match="NaN"):
+        engine.validate(torch.full((1, 3, 8, 8), float("nan")))
+    with pytest.raises(InvalidInput, match="limit is 4"):
+        engine.validate(torch.rand(5, 3, 8, 8))
+    with pytest.raises(InvalidInput, match="no images"):
+        engine.validate(torch.rand(0, 3, 8, 8))
+
+
+def test_feedback_gives_the_same_ece_as_computed_offline():
+    async def scenario():
+        engine = await started(make_engine(method="source"))
+        x = images(64)
+        predictions = await engine.predict(x)
+        labels = {p.request_id: i % 10 for i, p in enumerate(predictions)}
+        result = engine.feedback(labels)
+        with pytest.raises(UnknownRequestIds):
+            engine.feedback({"nope": 1})
+        with pytest.raises(UnknownRequestIds):  # each id is labelled once
+            engine.feedback({predictions[0].request_id: 1})
+        await engine.stop()
+        return predictions, result
+
+    predictions, result = run(scenario())
+    probs = torch.stack([p.probabilities for p in predictions])
+    offline = adapters.expected_calibration_error(probs.log(), torch.arange(64) % 10)
+    assert result["accepted"] == 64 and result["labelled"] == 64
+    assert result["ece"] == pytest.approx(offline, abs=1e-6)
+
+
+def test_snapshots_restore_the_adapted_state_and_reset_returns_to_source():
+    async def scenario():
+        engine = await started(make_engine(options={"e0": 10.0, "redundancy_eps": 2.0}))
+        await engine.predict(images(32))
+        saved = await engine.save_snapshot("after-one")
+        params = engine.adapter.adapted_parameters()
+        await engine.predict(images(32, seed=1))
+        await engine.restore_snapshot("after-one")
+        restored = engine.adapter.adapted_parameters()
+        with pytest.raises(SnapshotNotFound):
+            await engine.restore_snapshot("missing")
+        await engine.reset()
+        info = await engine.adaptation_info()
+        await engine.stop()
+        return saved, params, restored, info, engine
+
+    saved, params, restored, info, engine = run(scenario())
+    assert saved.parameter_version == 1 and [s.name for s in engine.list_snapshots()] == ["after-one"]
+    assert all(torch.equal(params[k], v) for k, v in restored.items())
+    assert info["resets"] == {"manual": 1} and info["parameter_drift"] == 0.0
+
+
+def test_configuration_errors_name_the_field(tmp_path):
+    with pytest.raises(ValueError, match="exactly one of"):
+        ModelConfig(name="x", architecture="digits", factory="a:b")
+    with pytest.raises(ValueError, match="lrr"):
+        ModelConfig(name="x", architecture="digits", options={"lrr": 1})
+    bad = tmp_path / "models.yaml"
+    bad.write_text("models:\n  - name: a\n    architecture: digits\n    mode: sometimes\n")
+    with pytest.raises(ConfigError, match=r"models\.0\.mode"):
+        load_settings(bad)
+    bad.write_text("models: [\n")
+    with pytest.raises(ConfigError, match="cannot parse"):
+        load_settings(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        load_settings(tmp_path / "missing.toml")
+    good = tmp_path / "models.toml"
+    good.write_text('[[models]]\nname = "cifar"\narchitecture = "resnet20"\nweights = "w.th"\nmethod = "tent"\n')
+    settings = load_settings(good)
+    assert settings.models[0].weights == tmp_path / "w.th"  # relative to the config file
+    assert Settings().resolved_models()[0].name == "digits"  # zero-configuration default
