@@ -315,3 +315,28 @@ def test_statistics_count_what_happened():
     assert stats.samples_selected <= stats.samples_reliable <= stats.samples_seen
     assert stats.entropy_ema is not None and 0 < stats.entropy_ema < math.log(10)
     assert stats.parameter_version == stats.updates
+
+
+@pytest.mark.parametrize("method", ADAPTING)
+def test_state_survives_a_round_trip_through_bytes_without_pickle(method):
+    from adapters.serialization import StateDecodeError, state_from_bytes, state_to_bytes
+
+    model = small_bn_cnn()
+    first = make(method, model, e0=10.0)
+    for seed in range(2):
+        first.step(images(seed=seed))
+    payload = state_to_bytes(first.state_dict())
+    assert b"pickle" not in payload and payload[8:9] == b"{"  # a safetensors JSON header
+    second = make(method, model, e0=10.0)
+    second.load_state_dict(state_from_bytes(payload))
+    torch.manual_seed(3)
+    a = first.step(images(seed=4))
+    torch.manual_seed(3)
+    b = second.step(images(seed=4))
+    assert torch.equal(a.logits, b.logits) and second.stats == first.stats
+    with pytest.raises(StateDecodeError):
+        state_from_bytes(b"\x00" * 16)
+    with pytest.raises(StateDecodeError, match="format"):
+        from safetensors.torch import save
+
+        state_from_bytes(save({"x": torch.zeros(1)}))
