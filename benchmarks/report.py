@@ -1,0 +1,176 @@
+"""Turn a :class:`benchmarks.runner.BenchResult` into tables, a JSON file and an error plot.
+
+Tables are plain Markdown so they read the same in a terminal, a CI log and a pull request.
+matplotlib is optional: only ``--plot`` needs it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks.runner import BenchResult, RunResult
+
+#: Column headers of the wide table (the usual CIFAR-10-C abbreviations).
+SHORT_NAMES = {
+    "gaussian_noise": "gauss",
+    "shot_noise": "shot",
+    "impulse_noise": "impul",
+    "defocus_blur": "defoc",
+    "glass_blur": "glass",
+    "motion_blur": "motn",
+    "zoom_blur": "zoom",
+    "snow": "snow",
+    "frost": "frost",
+    "fog": "fog",
+    "brightness": "brit",
+    "contrast": "contr",
+    "elastic_transform": "elast",
+    "pixelate": "pixel",
+    "jpeg_compression": "jpeg",
+}
+
+
+class PlotUnavailableError(RuntimeError):
+    """``--plot`` was asked for but matplotlib is not installed."""
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str | None = None) -> str:
+    """A Markdown table with padded columns; ``align`` has one 'l' or 'r' per column."""
+    align = align or "l" + "r" * (len(header) - 1)
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
+
+    def line(cells: Sequence[str]) -> str:
+        padded = [
+            str(c).ljust(w) if a == "l" else str(c).rjust(w) for c, w, a in zip(cells, widths, align, strict=True)
+        ]
+        return "| " + " | ".join(padded) + " |"
+
+    rule = "|" + "|".join(
+        "-" * (w + 1) + ":" if a == "r" else "-" * (w + 2) for w, a in zip(widths, align, strict=True)
+    )
+    return "\n".join([line(header), rule + "|", *(line(r) for r in rows)])
+
+
+def method_table(run: RunResult, source_accuracy: float | None = None) -> str:
+    """One method: error and ECE per corruption, the means, then cost and forgetting."""
+    rows = [[name, f"{err:.1f}", f"{run.eces[name]:.1f}"] for name, err in run.errors.items()]
+    rows.append(["mean", f"{run.mean_error:.1f}", f"{run.ece:.1f}"])
+    share = 100.0 * run.backward_samples / run.samples if run.samples else 0.0
+    source = "" if source_accuracy is None else f" (source {source_accuracy:.1f})"
+    lines = [
+        f"### {run.method} ({run.protocol})",
+        "",
+        _table(["corruption", "error %", "ECE %"], rows),
+        "",
+        f"- back-propagated: {run.backward_samples:,} of {run.samples:,} samples ({share:.1f} %)",
+        f"- clean accuracy after the stream: {run.clean_accuracy_after:.1f} %{source}, "
+        f"forgetting {run.forgetting:+.1f} pt",
+        f"- speed: {run.images_per_second:,.0f} images/s ({run.seconds:.1f} s adapting)",
+    ]
+    if run.resets:
+        lines.append(f"- collapse-guard resets: {run.resets}")
+    return "\n".join(lines)
+
+
+def wide_table(result: BenchResult) -> str:
+    """Error % per corruption (columns) for every method (rows), with the mean."""
+    names = result.config["corruptions"]
+    header = ["method", *(SHORT_NAMES.get(n, n) for n in names), "mean"]
+    rows = [[r.method, *(f"{r.errors[n]:.1f}" for n in names), f"{r.mean_error:.1f}"] for r in result.runs]
+    return _table(header, rows)
+
+
+def summary_table(result: BenchResult) -> str:
+    """One row per method plus the "forward only" reference row (a plain no-grad forward pass)."""
+    cfg = result.config
+    header = ["method", "error %", "ECE %", "back-propagated", "clean acc after %", "forgetting pt", "images/s"]
+    rows = [
+        [
+            r.method,
+            f"{r.mean_error:.1f}",
+            f"{r.ece:.1f}",
+            f"{r.backward_samples:,}/{r.samples:,}",
+            f"{r.clean_accuracy_after:.1f}",
+            f"{r.forgetting:+.1f}",
+            f"{r.images_per_second:,.0f}",
+        ]
+        for r in result.runs
+    ]
+    forward = cfg.get("forward_only") or {}
+    rows.append(
+        [
+            "forward only",
+            "",
+            "",
+            "",
+            f"{cfg.get('source_clean_accuracy', 0.0):.1f}",
+            "",
+            f"{forward.get('images_per_second', 0.0):,.0f}",
+        ]
+    )
+    return _table(header, rows)
+
+
+def format_report(result: BenchResult) -> str:
+    """Everything the CLI prints after the progress bar: a table per method, then the comparisons."""
+    cfg = result.config
+    source = cfg.get("source_clean_accuracy")
+    title = (
+        f"## {cfg['model']} · severity {cfg['severity']} · {cfg['protocol']} · batch {cfg['batch_size']} · "
+        f"{sum(cfg['samples_per_corruption'].values()):,} images per method · seed {cfg['seed']}"
+    )
+    parts = [title, *(method_table(run, source) for run in result.runs)]
+    parts += ["### error % per corruption", wide_table(result), "### summary", summary_table(result)]
+    parts.append(f"wall time {cfg['wall_seconds']:.0f} s on {cfg['threads']} thread(s)")
+    return "\n\n".join(parts) + "\n"
+
+
+def write_json(result: BenchResult, path: Path) -> None:
+    """The contract file: ``{"runs": [...], "config": {...}}``, every rate in percent."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+
+
+def load_json(path: Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())
+
+
+def require_matplotlib() -> None:
+    """Fail before a long run, not after it, when ``--plot`` cannot be honoured."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise PlotUnavailableError("--plot needs matplotlib: pip install matplotlib")
+
+
+def plot_errors(result: BenchResult, path: Path) -> None:
+    """Error % per corruption, one line per method (mean in the legend), saved as a PNG."""
+    require_matplotlib()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = result.config["corruptions"]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(names) + 2), 4.2))
+    for run in result.runs:
+        ax.plot(
+            range(len(names)),
+            [run.errors[n] for n in names],
+            marker="o",
+            linewidth=1.5,
+            label=f"{run.method} (mean {run.mean_error:.1f}, ECE {run.ece:.1f})",
+        )
+    ax.set_xticks(range(len(names)), [SHORT_NAMES.get(n, n) for n in names], rotation=45, ha="right")
+    ax.set_ylabel("error %")
+    ax.set_ylim(bottom=0)
+    cfg = result.config
+    ax.set_title(f"{cfg['model']}, severity {cfg['severity']}, {cfg['protocol']}, batch {cfg['batch_size']}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

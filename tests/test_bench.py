@@ -1,0 +1,306 @@
+"""The benchmark runner and ``tta-serve bench``: JSON contract, data paths, options, errors.
+
+Small on purpose (a few hundred images, a subset of corruptions, Fisher from 200 images) so the
+whole file runs in well under two minutes on two CPU cores; corrupted sets are cached per module.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from benchmarks import report, runner
+from benchmarks.cli import parse_set_options, parse_value
+from benchmarks.corruptions import CORRUPTIONS, corrupt_dataset
+from benchmarks.data import cifar10_test_path
+from service.cli import app
+
+RUN_KEYS = {
+    "method": str,
+    "protocol": str,
+    "mean_error": float,
+    "errors": dict,
+    "ece": float,
+    "backward_samples": int,
+    "samples": int,
+    "clean_accuracy_after": float,
+    "images_per_second": float,
+}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("bench-cache")
+
+
+def _config(weights: Path, cache: Path, **kwargs) -> runner.BenchConfig:
+    defaults = {"limit": 100, "batch_size": 50, "fisher_size": 200, "forward_batches": 1}
+    return runner.BenchConfig(
+        clean_data=cifar10_test_path(), weights=weights, cache_dir=cache, **{**defaults, **kwargs}
+    )
+
+
+def _invoke(*args: str):
+    return CliRunner().invoke(app, ["bench", *args])
+
+
+# --------------------------------------------------------------------------- the CLI contract
+def test_bench_cli_writes_the_json_contract(cifar10, resnet20_weights, cache, tmp_path):
+    out = tmp_path / "bench.json"
+    corruptions = ["gaussian_noise", "contrast"]
+    result = _invoke(
+        "--weights",
+        str(resnet20_weights),
+        "--clean-data",
+        str(cifar10_test_path()),
+        "--limit",
+        "100",
+        "--batch-size",
+        "50",
+        "--forward-batches",
+        "1",
+        "--corruptions",
+        ",".join(corruptions),
+        "--fisher-size",
+        "200",
+        "--cache-dir",
+        str(cache),
+        "--set",
+        "eata.lr=0.002",
+        "--set",
+        "eata-c.betas=[0.9, 0.99]",
+        "--json",
+        str(out),
+        "--quiet",
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert [r["method"] for r in data["runs"]] == ["source", "norm", "tent", "eata", "eata-c"]
+    for run in data["runs"]:
+        for key, kind in RUN_KEYS.items():
+            assert isinstance(run[key], kind), (run["method"], key)
+        assert run["protocol"] == "continual"
+        assert list(run["errors"]) == corruptions  # spec order
+        assert run["samples"] == 200
+        for rate in (run["mean_error"], run["ece"], run["clean_accuracy_after"], *run["errors"].values()):
+            assert 0.0 <= rate <= 100.0
+        assert run["mean_error"] == pytest.approx(np.mean(list(run["errors"].values())))
+        assert 0 <= run["backward_samples"] <= run["samples"]
+        assert run["images_per_second"] > 0
+    by_method = {r["method"]: r for r in data["runs"]}
+    assert by_method["source"]["backward_samples"] == by_method["norm"]["backward_samples"] == 0
+    assert by_method["tent"]["backward_samples"] == 200
+    assert 0 < by_method["eata"]["backward_samples"] < 200  # EATA skips unreliable/redundant samples
+    # Source: frozen, so its clean accuracy after the stream is the source accuracy; norm beats it on noise.
+    cfg = data["config"]
+    assert by_method["source"]["clean_accuracy_after"] == cfg["source_clean_accuracy"] > 80
+    assert by_method["norm"]["errors"]["gaussian_noise"] < by_method["source"]["errors"]["gaussian_noise"]
+    # Every effective option of every method, overrides included.
+    eata = cfg["methods"]["eata"]
+    assert eata["options"]["lr"] == 0.002
+    assert eata["options"]["optimizer"] == "adam" and eata["options"]["fisher_alpha"] == 1.0
+    assert "e0" in eata["options"] and eata["e0"] == pytest.approx(0.4 * math.log(10))
+    assert eata["redundancy_eps"] == pytest.approx(0.4)
+    assert cfg["methods"]["eata-c"]["options"]["betas"] == [0.9, 0.99]
+    assert cfg["methods"]["eata-c"]["options"]["drop_prob"] == 0.2
+    assert cfg["methods"]["tent"]["options"]["lr"] == 0.001
+    assert set(cfg["methods"]) == {"source", "norm", "tent", "eata", "eata-c"}
+    assert cfg["fisher"]["samples"] == 200 and cfg["forward_only"]["images_per_second"] > 0
+    assert (cfg["severity"], cfg["batch_size"], cfg["limit"], cfg["seed"]) == (5, 50, 100, 0)
+    # The tables: one per method plus the "forward only" reference row.
+    for method in by_method:
+        assert f"### {method} (continual)" in result.stdout
+    assert "| forward only" in result.stdout
+
+
+def test_parse_set_values():
+    assert parse_value("0.001") == 0.001 and parse_value("1e-3") == 0.001 and parse_value(".5") == 0.5
+    assert parse_value("3") == 3 and parse_value("true") is True and parse_value("False") is False
+    assert parse_value("[0.9,0.999]") == [0.9, 0.999] and parse_value("adam") == "adam"
+    assert parse_value("null") is None
+    parsed = parse_set_options(["eata.lr=0.001", "eata.optimizer=adam", "eata-c.guard.enabled=true"])
+    assert parsed == {"eata": {"lr": 0.001, "optimizer": "adam"}, "eata-c": {"guard": {"enabled": True}}}
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--set", "eata.nope=1"], "nope"),
+        (["--set", "eata.lr=-1"], "greater than 0"),
+        (["--set", "eata=1"], "METHOD.OPTION=VALUE"),
+        (["--set", "nomethod.lr=1"], "unknown adaptation method"),
+        (["--methods", "source,bogus"], "bogus"),
+        (["--corruptions", "fog,rain"], "rain"),
+        (["--protocol", "sometimes"], "sometimes"),
+        (["--model", "resnet99"], "resnet99"),
+    ],
+)
+def test_bad_arguments_fail_clearly(args, expected, cifar10, resnet20_weights, tmp_path):
+    result = _invoke("--weights", str(resnet20_weights), "--cache-dir", str(tmp_path), "--quiet", *args)
+    assert result.exit_code == 2, result.output
+    assert expected in result.output
+    assert "Traceback" not in result.output
+
+
+def test_missing_files_fail_clearly(cifar10, resnet20_weights, tmp_path):
+    base = ["--weights", str(resnet20_weights), "--cache-dir", str(tmp_path), "--quiet", "--limit", "10"]
+    result = _invoke(*base, "--clean-data", str(tmp_path / "absent.npz"))
+    assert result.exit_code == 2 and "absent.npz" in result.output
+    result = _invoke(*base[2:], "--weights", str(tmp_path / "absent.th"))
+    assert result.exit_code == 2 and "absent.th" in result.output
+    (tmp_path / "c10c").mkdir()
+    np.save(tmp_path / "c10c" / "labels.npy", np.zeros(10, dtype=np.int64))
+    result = _invoke(*base, "--cifar10c-dir", str(tmp_path / "c10c"), "--corruptions", "fog")
+    assert result.exit_code == 2 and "fog.npy" in result.output
+
+
+def test_plot_without_matplotlib_says_how_to_install(monkeypatch, cifar10, resnet20_weights, tmp_path):
+    monkeypatch.setattr(report.importlib.util, "find_spec", lambda name: None)
+    result = _invoke("--weights", str(resnet20_weights), "--plot", str(tmp_path / "p.png"), "--quiet")
+    assert result.exit_code == 2
+    assert "pip install matplotlib" in result.output
+
+
+# --------------------------------------------------------------------------- the two data paths
+def _write_cifar10c(directory: Path, blocks: dict[str, np.ndarray], labels: np.ndarray) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, images in blocks.items():
+        np.save(directory / f"{name}.npy", images)
+    np.save(directory / "labels.npy", labels)
+    return directory
+
+
+def _numbers(result: runner.BenchResult) -> list[tuple]:
+    return [(r.method, r.errors, r.eces, r.backward_samples, r.clean_accuracy_after) for r in result.runs]
+
+
+def test_cifar10c_dir_matches_on_the_fly(cifar10, resnet20_weights, cache, tmp_path):
+    """Single-severity files (row count != 5 x 10,000) built from the generator give identical numbers."""
+    x, y = cifar10
+    names = ("gaussian_noise", "contrast")
+    rows = 120  # more rows than --limit: both paths must take the same first 80
+    blocks = {n: corrupt_dataset(x[:rows], n, 5, seed=0, cache_dir=cache) for n in names}
+    directory = _write_cifar10c(tmp_path / "c10c", blocks, y[:rows])
+    options = {"methods": ("norm", "eata"), "corruptions": names, "limit": 80, "batch_size": 40}
+    on_the_fly = runner.run_benchmark(_config(resnet20_weights, cache, **options))
+    from_dir = runner.run_benchmark(_config(resnet20_weights, cache, cifar10c_dir=directory, **options))
+    assert _numbers(on_the_fly) == _numbers(from_dir)
+    assert from_dir.config["data"] == "cifar10c_dir" and on_the_fly.config["data"] == "on_the_fly"
+    assert from_dir.config["samples_per_corruption"] == {n: 80 for n in names}
+
+
+def test_cifar10c_five_block_rule(tmp_path):
+    """A file of exactly 5 x severity_rows rows holds severities 1-5 in blocks; other sizes are one severity."""
+    block = 4
+    images = np.repeat(np.arange(1, 6, dtype=np.uint8), block)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
+    labels = np.arange(5 * block)
+    directory = _write_cifar10c(tmp_path / "five", {"fog": images}, labels)
+    for severity in range(1, 6):
+        x, y = runner.load_cifar10c(directory, "fog", severity, severity_rows=block)
+        assert (x == severity).all() and x.shape[0] == block
+        assert y.tolist() == list(range((severity - 1) * block, severity * block))
+    x, y = runner.load_cifar10c(directory, "fog", 3, limit=2, severity_rows=block)
+    assert (x == 3).all() and y.tolist() == [2 * block, 2 * block + 1]
+    # Labels of one block only (not 5x) are used as they are.
+    np.save(directory / "labels.npy", np.arange(block) + 100)
+    _, y = runner.load_cifar10c(directory, "fog", 2, severity_rows=block)
+    assert y.tolist() == [100, 101, 102, 103]
+    # Any other row count: the whole file is the requested severity.
+    np.save(directory / "labels.npy", labels)
+    x, y = runner.load_cifar10c(directory, "fog", 2, severity_rows=block + 1)
+    assert x.shape[0] == 5 * block and y.tolist() == labels.tolist()
+    np.save(directory / "labels.npy", np.arange(7))
+    with pytest.raises(runner.BenchError, match=r"labels\.npy"):
+        runner.load_cifar10c(directory, "fog", 2, severity_rows=block)
+
+
+def test_five_block_file_matches_on_the_fly(cifar10, resnet20_weights, cache, tmp_path):
+    """The 5-block layout end to end, with a small block size standing in for 10,000."""
+    x, y = cifar10
+    rows = 60
+    stacked = np.concatenate([corrupt_dataset(x[:rows], "fog", s, seed=0, cache_dir=cache) for s in range(1, 6)])
+    directory = _write_cifar10c(tmp_path / "c10c", {"fog": stacked}, np.tile(y[:rows], 5))
+    options = {"methods": ("norm",), "corruptions": ("fog",), "severity": 3, "limit": rows}
+    on_the_fly = runner.run_benchmark(_config(resnet20_weights, cache, **options))
+    from_dir = runner.run_benchmark(
+        _config(resnet20_weights, cache, cifar10c_dir=directory, cifar10c_severity_rows=rows, **options)
+    )
+    assert _numbers(on_the_fly) == _numbers(from_dir)
+
+
+# --------------------------------------------------------------------------- reproducibility
+def test_seeded_runs_do_not_depend_on_method_or_corruption_order(cifar10, resnet20_weights, cache):
+    """Reset protocol + per-method seeding: eata-c on contrast gives the same numbers alone or after others."""
+    both = runner.run_benchmark(
+        _config(
+            resnet20_weights,
+            cache,
+            methods=("tent", "eata-c"),
+            corruptions=("gaussian_noise", "contrast"),
+            protocol="reset",
+            limit=40,
+            batch_size=20,
+        )
+    )
+    alone = runner.run_benchmark(
+        _config(
+            resnet20_weights,
+            cache,
+            methods=("eata-c",),
+            corruptions=("contrast",),
+            protocol="reset",
+            limit=40,
+            batch_size=20,
+        )
+    )
+    run_both, run_alone = both.runs[1], alone.runs[0]
+    assert run_both.errors["contrast"] == run_alone.errors["contrast"]
+    assert run_both.eces["contrast"] == run_alone.eces["contrast"]
+    assert both.runs[0].protocol == "reset"
+
+
+def test_report_renders_from_json(tmp_path):
+    """Tables and the plot can be redrawn from a saved JSON (no model needed)."""
+    names = list(CORRUPTIONS[:3])
+    run = runner.RunResult(
+        method="eata",
+        protocol="continual",
+        mean_error=20.0,
+        errors=dict.fromkeys(names, 20.0),
+        ece=10.0,
+        backward_samples=5,
+        samples=30,
+        clean_accuracy_after=90.0,
+        images_per_second=100.0,
+        seconds=0.3,
+        eces=dict.fromkeys(names, 10.0),
+        ece_pooled=10.0,
+        forgetting=-1.0,
+        resets={},
+    )
+    config = {
+        "model": "resnet20",
+        "severity": 5,
+        "protocol": "continual",
+        "batch_size": 10,
+        "seed": 0,
+        "corruptions": names,
+        "samples_per_corruption": dict.fromkeys(names, 10),
+        "source_clean_accuracy": 91.0,
+        "forward_only": {"images_per_second": 500.0},
+        "wall_seconds": 1.0,
+        "threads": 1,
+    }
+    path = tmp_path / "r.json"
+    report.write_json(runner.BenchResult([run], config), path)
+    again = runner.BenchResult.from_json(report.load_json(path))
+    text = report.format_report(again)
+    assert "### eata (continual)" in text and "| forward only" in text and "5 of 30" in text
+    pytest.importorskip("matplotlib")
+    report.plot_errors(again, tmp_path / "r.png")
+    assert (tmp_path / "r.png").stat().st_size > 1000
