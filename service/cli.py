@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
 app = typer.Typer(
@@ -12,6 +15,63 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _main() -> None:
+    """Serve vision models that adapt online, without labels, when their input drifts."""
+
+
+@app.command("serve")
+def serve(
+    config: Annotated[Path | None, typer.Option(help="YAML or TOML file listing the models (and settings)")] = None,
+    host: Annotated[str | None, typer.Option(help="bind address (default 127.0.0.1, or TTA_HOST)")] = None,
+    port: Annotated[int | None, typer.Option(help="port (default 8000, or TTA_PORT)")] = None,
+    architecture: Annotated[
+        str | None, typer.Option(help="serve one built-in model instead of a config file: digits, resnet20, ...")
+    ] = None,
+    weights: Annotated[Path | None, typer.Option(help="weights for --architecture")] = None,
+    method: Annotated[str, typer.Option(help="adaptation method for --architecture")] = "eata",
+    name: Annotated[str | None, typer.Option(help="model name for --architecture (default: the architecture)")] = None,
+    fisher_data: Annotated[
+        Path | None, typer.Option(help="npz of clean images (x uint8 NxHxWx3) for EATA's Fisher term")
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+) -> None:
+    """Start the HTTP server. Without --config or --architecture it serves the built-in `digits` model."""
+    import uvicorn
+
+    from service.app import build_registry, create_app
+    from service.metrics import ServiceMetrics
+    from service.model_sources import ModelLoadError
+    from service.settings import ConfigError, load_settings
+
+    models = None
+    if architecture is not None:
+        if config is not None:
+            _fail("give either --config or --architecture, not both")
+        model = {"name": name or architecture, "architecture": architecture, "method": method}
+        if weights is not None:
+            model["weights"] = str(weights)
+        if fisher_data is not None:
+            model["fisher_data"] = str(fisher_data)
+        models = [model]
+    elif weights is not None or fisher_data is not None or name is not None:
+        _fail("--weights, --fisher-data and --name apply to --architecture")
+    try:
+        settings = load_settings(config, host=host, port=port, models=models)
+        metrics = ServiceMetrics()
+        registry = build_registry(settings, metrics)
+    except (ConfigError, ModelLoadError) as exc:
+        _fail(str(exc))
+    uvicorn.run(
+        create_app(settings, registry, metrics), host=settings.host, port=settings.port, log_level=log_level
+    )
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
 def _register_commands() -> None:
     """Attach commands defined elsewhere (benchmark, server) without import-time side effects."""
     from benchmarks.cli import register as register_bench
@@ -20,3 +80,6 @@ def _register_commands() -> None:
 
 
 _register_commands()
+
+if __name__ == "__main__":  # ``python -m service.cli`` works without the installed script
+    app()

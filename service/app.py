@@ -1,0 +1,177 @@
+"""The FastAPI application: ``create_app(settings)`` wires settings, engines and metrics together.
+
+Nothing is global: the settings, the engine registry and the metrics live on ``app.state`` and reach
+routes through dependencies, so tests build as many independent apps as they like. Models load in
+the lifespan unless a ready registry is passed in (the CLI loads first, so a bad model fails with a
+message and exit status 2 instead of a traceback from inside uvicorn).
+
+Run with ``tta-serve serve`` or ``uvicorn --factory service.app:app_from_env``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Request, Response
+from fastapi.openapi.utils import get_openapi
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service import routes_v1, routes_v2
+from service.engine import EngineObserver, EngineRegistry, ModelEngine
+from service.http_errors import BodyTooLarge, error_response, install_error_handlers
+from service.metrics import RequestMetricsMiddleware, ServiceMetrics
+from service.model_sources import load_model, resolve_device
+from service.settings import Settings, load_settings
+
+log = logging.getLogger(__name__)
+
+
+def _version() -> str:
+    try:
+        return version("tta-serve")
+    except PackageNotFoundError:  # pragma: no cover - running from a bare checkout
+        return "0.0.0"
+
+
+def configure_torch(settings: Settings) -> None:
+    """Apply process-wide torch settings (intra-op threads) before any model runs."""
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+
+
+def build_registry(settings: Settings, observer: EngineObserver | None = None) -> EngineRegistry:
+    """Load every configured model and build its engine; raises ``ModelLoadError`` naming the model."""
+    configure_torch(settings)
+    device = resolve_device(settings.device)
+    engines = []
+    for config in settings.resolved_models():
+        loaded = load_model(config, device)
+        engines.append(
+            ModelEngine(
+                config,
+                loaded,
+                device=device,
+                observer=observer,
+                feedback_window=settings.feedback_window,
+                prediction_memory=settings.prediction_memory,
+            )
+        )
+        log.info("model %s: %s (%s, %s mode) on %s", config.name, config.method, config.architecture
+                 or config.torchscript or config.factory, config.mode, device)
+    return EngineRegistry(engines)
+
+
+class BodyLimitMiddleware:
+    """413 for bodies over ``max_bytes``: a declared Content-Length is refused before anything is read,
+    and chunked uploads are counted as they arrive, so no oversized body is ever buffered.
+
+    The error is raised from ``receive`` as an HTTP exception, so the route's error handler formats it
+    (and metrics see the route); a response is sent here only if nothing else did.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        too_large = declared.isdigit() and int(declared) > self.max_bytes
+        received = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            if too_large:
+                raise BodyTooLarge(self.max_bytes)
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise BodyTooLarge(self.max_bytes)
+            return message
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracked_send)
+        except BodyTooLarge as exc:
+            if started:
+                raise
+            await error_response(413, str(exc.detail))(scope, receive, send)
+
+
+def create_app(
+    settings: Settings, registry: EngineRegistry | None = None, metrics: ServiceMetrics | None = None
+) -> FastAPI:
+    """The app serving ``registry`` (or the models in ``settings``, loaded at start-up).
+
+    A registry passed in should have been built with ``metrics`` as its observer for batch metrics.
+    """
+    metrics = metrics or ServiceMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if app.state.registry is None:
+            app.state.registry = await asyncio.to_thread(build_registry, settings, metrics)
+        else:
+            configure_torch(settings)
+        active: EngineRegistry = app.state.registry
+        await active.start()
+        log.info("serving models %s", active.names())
+        try:
+            yield
+        finally:
+            await active.stop()
+
+    app = FastAPI(
+        title="tta-serve",
+        version=_version(),
+        description="Vision models that adapt online, without labels (EATA, EATA-C, Tent). "
+        "Open Inference Protocol v2 under /v2, convenience and admin routes under /v1, Prometheus at /metrics.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.registry = registry
+    app.state.metrics = metrics
+    install_error_handlers(app)
+    app.include_router(routes_v2.router)
+    app.include_router(routes_v1.router)
+
+    @app.get("/metrics", summary="Prometheus metrics", tags=["operations"])
+    async def prometheus_metrics(request: Request) -> Response:
+        m: ServiceMetrics = request.app.state.metrics
+        return Response(m.render(), media_type=m.content_type)
+
+    # Added last = outermost: metrics also count the 413s the body limit produces.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """The generated schema plus the request bodies the v1/v2 routes parse themselves."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.update(routes_v2.openapi_schemas())
+        components["PredictJSON"] = routes_v1.PredictJSON.model_json_schema()
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+def app_from_env() -> FastAPI:
+    """Factory for ``uvicorn --factory service.app:app_from_env``: settings from ``TTA_*`` and the config file."""
+    return create_app(load_settings())

@@ -1,0 +1,305 @@
+"""Convenience and admin routes under ``/v1``: predict from image files or base64, delayed-label
+feedback, reset, adaptation state and snapshots.
+
+Predict takes ``multipart/form-data`` (one or more files in the ``files`` field) or
+``application/json`` (``{"images": [<base64>...]}``) on the same URL; the content type decides.
+Admin routes (feedback, reset, snapshot save and restore) need the bearer token when one is set.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from service.auth import require_admin
+from service.engine import InvalidInput, ModelEngine, Prediction
+from service.http_errors import ApiError, bad_request_from
+from service.preprocess import decode_base64, images_to_tensor
+from service.routes_v2 import AppSettings, Engine, ReadyEngine, Registry
+from service.settings import MODEL_NAME_PATTERN
+from service.snapshots import SnapshotInfo
+
+router = APIRouter(prefix="/v1", tags=["v1: convenience and admin"])
+admin = [Depends(require_admin)]
+DEFAULT_TOP_K = 3
+
+
+# ------------------------------------------------------------------------------------ schemas
+class ModelInfo(BaseModel):
+    name: str
+    method: str
+    mode: str
+    adapts: bool
+    ready: bool
+    classes: list[str]
+    input_size: tuple[int, int]
+    max_images_per_request: int
+
+
+class ModelList(BaseModel):
+    models: list[ModelInfo]
+
+
+class PredictJSON(BaseModel):
+    images: list[str] = Field(description="base64-encoded image files (PNG, JPEG, ...); data: URLs allowed")
+    top_k: int = Field(DEFAULT_TOP_K, ge=1, description="classes listed per image (capped at the class count)")
+
+
+class TopK(BaseModel):
+    label: int
+    class_name: str
+    probability: float
+
+
+class PredictionOut(BaseModel):
+    request_id: str = Field(description="quote it in /feedback to report the true label later")
+    label: int
+    class_name: str
+    confidence: float
+    entropy: float
+    top_k: list[TopK]
+    reliable: bool | None = Field(description="entropy below the method's threshold E0 (null: no threshold)")
+    selected: bool | None = Field(description="used for the update (null: decided later, off the request path)")
+    parameter_version: int = Field(description="version of the adapted weights that answered")
+
+
+class PredictResponse(BaseModel):
+    model: str
+    predictions: list[PredictionOut]
+
+
+class FeedbackRequest(BaseModel):
+    labels: dict[str, int | str] = Field(
+        min_length=1, description="request id -> true label (class index or class name)"
+    )
+
+
+class FeedbackResponse(BaseModel):
+    model: str
+    accepted: int
+    labelled: int = Field(description="labelled predictions in the rolling window")
+    accuracy: float | None = Field(description="online accuracy over the window (percent)")
+    ece: float | None = Field(description="online expected calibration error over the window (percent)")
+
+
+class ResetResponse(BaseModel):
+    model: str
+    reset: bool
+
+
+class SnapshotRequest(BaseModel):
+    name: str = Field(pattern=MODEL_NAME_PATTERN, description="letters, digits, '_', '.', '-'; at most 64")
+
+
+class SnapshotOut(BaseModel):
+    name: str
+    created: float
+    parameter_version: int
+    steps: int
+
+
+class SnapshotList(BaseModel):
+    model: str
+    snapshots: list[SnapshotOut]
+
+
+class RestoreResponse(BaseModel):
+    model: str
+    restored: SnapshotOut
+
+
+# ------------------------------------------------------------------------------------ models
+def model_info(engine: ModelEngine) -> ModelInfo:
+    cfg = engine.config
+    return ModelInfo(
+        name=engine.name, method=cfg.method, mode=cfg.mode, adapts=engine.adapts, ready=engine.ready,
+        classes=engine.classes, input_size=cfg.input_size, max_images_per_request=cfg.max_images_per_request,
+    )
+
+
+@router.get("/models", response_model=ModelList, summary="The served models")
+async def list_models(registry: Registry) -> ModelList:
+    return ModelList(models=[model_info(e) for e in registry])
+
+
+@router.get("/models/{name}", response_model=ModelInfo, summary="One served model")
+async def get_model(engine: Engine) -> ModelInfo:
+    return model_info(engine)
+
+
+# ------------------------------------------------------------------------------------ predict
+_PREDICT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                        "top_k": {"type": "integer", "minimum": 1, "default": DEFAULT_TOP_K},
+                    },
+                    "required": ["files"],
+                }
+            },
+            "application/json": {"schema": {"$ref": "#/components/schemas/PredictJSON"}},
+        },
+    }
+}
+
+
+@router.post(
+    "/models/{name}/predict",
+    response_model=PredictResponse,
+    summary="Predict image files (multipart 'files') or base64 images (JSON)",
+    openapi_extra=_PREDICT_BODY,
+)
+async def predict(
+    request: Request, engine: ReadyEngine, settings: AppSettings
+) -> PredictResponse:
+    limit = engine.config.max_images_per_request
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "multipart/form-data":
+        blobs, names, top_k = await _read_multipart(request, limit)
+    elif content_type == "application/json" or content_type.endswith("+json"):
+        try:
+            body = PredictJSON.model_validate_json(await request.body())
+        except ValidationError as exc:
+            raise bad_request_from(exc) from None
+        _check_count(len(body.images), limit)
+        blobs = [decode_base64(img, f"images[{i}]") for i, img in enumerate(body.images)]
+        names, top_k = [f"images[{i}]" for i in range(len(blobs))], body.top_k
+    else:
+        raise ApiError(
+            415,
+            f"unsupported content type {content_type or 'none'!r}: send multipart/form-data with image files in "
+            "'files', or application/json with {\"images\": [<base64>, ...]}",
+        )
+    images = await run_in_threadpool(
+        images_to_tensor, blobs, engine.config.input_size, settings.max_image_pixels, names
+    )
+    predictions = await engine.predict(images)
+    k = min(top_k, len(engine.classes))
+    return PredictResponse(model=engine.name, predictions=[_format(p, engine.classes, k) for p in predictions])
+
+
+def _check_count(count: int, limit: int) -> None:
+    if count == 0:
+        raise InvalidInput("no images in the request")
+    if count > limit:
+        raise InvalidInput(f"{count} images in one request; the limit is {limit}")
+
+
+async def _read_multipart(request: Request, limit: int) -> tuple[list[bytes], list[str], int]:
+    form = await request.form(max_files=limit, max_fields=8)
+    try:
+        files = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
+        if not files:
+            fields = sorted(set(form.keys()))
+            raise InvalidInput(f"no image files in the 'files' field (got fields {fields})")
+        _check_count(len(files), limit)
+        raw_k = form.get("top_k", str(DEFAULT_TOP_K))
+        if not isinstance(raw_k, str) or not raw_k.strip().isdigit() or int(raw_k) < 1:
+            raise InvalidInput(f"top_k must be a positive integer, got {raw_k!r}")
+        blobs = [await f.read() for f in files]
+        names = [f"file {f.filename or i}" for i, f in enumerate(files)]
+        return blobs, names, int(raw_k)
+    finally:
+        await form.close()
+
+
+def _format(p: Prediction, classes: list[str], k: int) -> PredictionOut:
+    top_p, top_i = p.probabilities.topk(k)
+    return PredictionOut(
+        request_id=p.request_id,
+        label=p.label,
+        class_name=classes[p.label],
+        confidence=p.confidence,
+        entropy=p.entropy,
+        top_k=[
+            TopK(label=int(i), class_name=classes[int(i)], probability=float(v))
+            for v, i in zip(top_p.tolist(), top_i.tolist(), strict=True)
+        ],
+        reliable=p.reliable,
+        selected=p.selected,
+        parameter_version=p.parameter_version,
+    )
+
+
+# ------------------------------------------------------------------------------------ feedback and state
+@router.post(
+    "/models/{name}/feedback",
+    response_model=FeedbackResponse,
+    dependencies=admin,
+    summary="True labels for earlier request ids (online accuracy and ECE)",
+)
+async def feedback(body: FeedbackRequest, engine: Engine) -> FeedbackResponse:
+    labels = {rid: _label_index(value, engine.classes) for rid, value in body.labels.items()}
+    result = engine.feedback(labels)
+    return FeedbackResponse(model=engine.name, **result)
+
+
+def _label_index(value: int | str, classes: list[str]) -> int:
+    """A class index, or a class name mapped to its index."""
+    if isinstance(value, int):
+        return value
+    if value in classes:
+        return classes.index(value)
+    raise InvalidInput(f"unknown class name {value!r}; classes: {classes}")
+
+
+@router.post("/models/{name}/reset", response_model=ResetResponse, dependencies=admin, summary="Reset to source")
+async def reset(engine: ReadyEngine) -> ResetResponse:
+    await engine.reset()
+    return ResetResponse(model=engine.name, reset=True)
+
+
+@router.get("/models/{name}/adaptation", summary="Adaptation state: method, counters, drift, resets, online metrics")
+async def adaptation(engine: ReadyEngine) -> dict[str, Any]:
+    return _json_safe(await engine.adaptation_info())
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN/inf (e.g. an empty moving average) become null: strict JSON has no such numbers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _snapshot(info: SnapshotInfo) -> SnapshotOut:
+    return SnapshotOut(name=info.name, created=info.created, parameter_version=info.parameter_version, steps=info.steps)
+
+
+@router.post(
+    "/models/{name}/snapshots",
+    response_model=SnapshotOut,
+    status_code=201,
+    dependencies=admin,
+    summary="Save the adapter state under a name",
+)
+async def save_snapshot(body: SnapshotRequest, engine: ReadyEngine) -> SnapshotOut:
+    return _snapshot(await engine.save_snapshot(body.name))
+
+
+@router.get("/models/{name}/snapshots", response_model=SnapshotList, summary="Saved snapshots")
+async def list_snapshots(engine: Engine) -> SnapshotList:
+    return SnapshotList(model=engine.name, snapshots=[_snapshot(s) for s in engine.list_snapshots()])
+
+
+@router.post(
+    "/models/{name}/snapshots/{snapshot}/restore",
+    response_model=RestoreResponse,
+    dependencies=admin,
+    summary="Restore a saved adapter state",
+)
+async def restore_snapshot(snapshot: str, engine: ReadyEngine) -> RestoreResponse:
+    return RestoreResponse(model=engine.name, restored=_snapshot(await engine.restore_snapshot(snapshot)))

@@ -1,0 +1,239 @@
+"""End to end: a real ``tta-serve serve`` process on a free port, driven over HTTP.
+
+The server serves two models from a YAML config: ``digits`` (EATA) and ``digits-frozen`` (the same
+network, method ``source``). The frozen model has no batch dependence, so under concurrent load each
+answer must equal the one the same image got alone: the check that every client got its own answer.
+The official Triton HTTP client (``tritonclient[http]``) talks to the v2 routes unchanged.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from adapters.models.digits import digits_split
+
+TOKEN = "e2e-secret"
+STARTUP_TIMEOUT_S = 180.0  # a cold cache trains the digits model first (~10-20 s on a busy machine)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One digits-model cache per test session (shared with test_api), or the caller's TTA_CACHE_DIR."""
+    return Path(os.environ.get("TTA_CACHE_DIR") or tmp_path_factory.getbasetemp() / "tta-cache")
+
+
+def _serve_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "service.cli", "serve", *args]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The base URL of a running server; the process is always terminated."""
+    config = tmp_path_factory.mktemp("e2e") / "models.yaml"
+    config.write_text(
+        "models:\n"
+        "  - {name: digits, architecture: digits, method: eata, max_delay_ms: 5}\n"
+        "  - {name: digits-frozen, architecture: digits, method: source, max_delay_ms: 5}\n"
+    )
+    port = _free_port()
+    env = {**os.environ, "TTA_CACHE_DIR": str(_cache_dir(tmp_path_factory)), "TTA_ADMIN_TOKEN": TOKEN,
+           "TTA_THREADS": "1"}
+    log = config.parent / "server.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            _serve_command("--config", str(config), "--port", str(port), "--log-level", "warning"),
+            stdout=out, stderr=subprocess.STDOUT, env=env,
+        )
+        base = f"http://127.0.0.1:{port}"
+        try:
+            _wait_ready(base, proc, log)
+            yield base
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _wait_ready(base: str, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            if httpx.get(f"{base}/v2/health/ready", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.25)
+    pytest.fail(f"server not ready after {STARTUP_TIMEOUT_S} s:\n{log.read_text()}")
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    """Held-out digits: uint8 N x 32 x 32 x 3 images and their labels."""
+    _, (x, y) = digits_split()
+    return x, y
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_predict_files_feedback_adaptation_and_metrics(server, digits):
+    x, y = digits
+    n = 32
+    files = [("files", (f"{i}.png", _png(x[i]), "image/png")) for i in range(n)]
+    r = httpx.post(f"{server}/v1/models/digits/predict", files=files, data={"top_k": "2"}, timeout=60)
+    assert r.status_code == 200, r.text
+    preds = r.json()["predictions"]
+    assert len(preds) == n and all(len(p["top_k"]) == 2 for p in preds)
+    assert np.mean([p["label"] == t for p, t in zip(preds, y[:n], strict=True)]) >= 0.9
+
+    labels = {p["request_id"]: int(t) for p, t in zip(preds, y[:n], strict=True)}
+    denied = httpx.post(f"{server}/v1/models/digits/feedback", json={"labels": labels})
+    assert denied.status_code == 401 and denied.headers["www-authenticate"].startswith("Bearer")
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    fb = httpx.post(f"{server}/v1/models/digits/feedback", json={"labels": labels}, headers=auth)
+    assert fb.status_code == 200, fb.text
+    assert fb.json()["accepted"] == n and fb.json()["accuracy"] >= 90
+
+    info = httpx.get(f"{server}/v1/models/digits/adaptation").json()
+    assert info["method"] == "eata" and info["samples_seen"] >= n and info["online"]["labelled"] == n
+
+    metrics = httpx.get(f"{server}/metrics").text
+    assert 'tta_requests_total{method="POST",route="/v1/models/{name}/predict",status="200"}' in metrics
+    assert 'tta_batch_size_count{model="digits"}' in metrics
+
+
+def test_the_official_triton_client_works_binary_and_json(server, digits):
+    tritonclient_http = pytest.importorskip("tritonclient.http")
+    x, y = digits
+    n = 40
+    client = tritonclient_http.InferenceServerClient(server.removeprefix("http://"), network_timeout=60)
+    try:
+        assert client.is_server_live() and client.is_server_ready()
+        assert client.is_model_ready("digits-frozen") and client.is_model_ready("digits", "1")
+        meta = client.get_model_metadata("digits-frozen")
+        assert meta["inputs"][0]["shape"] == [-1, 3, 32, 32] and meta["outputs"][0]["name"] == "probabilities"
+
+        fp32 = (x[:n].transpose(0, 3, 1, 2) / 255.0).astype(np.float32)
+        answers = []
+        for binary_in in (True, False):
+            for binary_out in (True, False):
+                inp = tritonclient_http.InferInput("images", list(fp32.shape), "FP32")
+                inp.set_data_from_numpy(fp32, binary_data=binary_in)
+                out = tritonclient_http.InferRequestedOutput("probabilities", binary_data=binary_out)
+                result = client.infer("digits-frozen", [inp], outputs=[out], request_id="req-1")
+                probs = result.as_numpy("probabilities")
+                assert probs.shape == (n, 10) and result.get_response()["id"] == "req-1"
+                answers.append(probs)
+        # no requested outputs: the client asks for binary outputs; UINT8 NHWC input
+        inp = tritonclient_http.InferInput("images", [n, 32, 32, 3], "UINT8")
+        inp.set_data_from_numpy(x[:n])
+        answers.append(client.infer("digits-frozen", [inp]).as_numpy("probabilities"))
+        for probs in answers:
+            np.testing.assert_allclose(probs, answers[0], atol=1e-5)
+        assert (answers[0].argmax(1) == y[:n]).mean() >= 0.95
+
+        bad = tritonclient_http.InferInput("images", [1, 3, 16, 16], "FP32")
+        bad.set_data_from_numpy(np.zeros((1, 3, 16, 16), np.float32))
+        with pytest.raises(tritonclient_http.InferenceServerException, match=r"\[-1, 3, 32, 32\]"):
+            client.infer("digits-frozen", [bad])
+    finally:
+        client.close()
+
+
+def _infer_one(base: str, image: np.ndarray, model: str, client: httpx.Client) -> tuple[np.ndarray, str]:
+    """One image through the v2 binary path; (probabilities, request id)."""
+    header = (
+        '{"inputs":[{"name":"images","shape":[1,32,32,3],"datatype":"UINT8",'
+        f'"parameters":{{"binary_data_size":{image.nbytes}}}}}],"parameters":{{"binary_data_output":true}}}}'
+    ).encode()
+    r = client.post(
+        f"{base}/v2/models/{model}/infer",
+        content=header + image.tobytes(),
+        headers={"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"},
+    )
+    assert r.status_code == 200, r.text
+    length = int(r.headers["inference-header-content-length"])
+    meta = httpx.Response(200, content=r.content[:length]).json()
+    probs = np.frombuffer(r.content[length:], dtype="<f4").reshape(meta["outputs"][0]["shape"])
+    return probs[0], meta["parameters"]["request_ids"]
+
+
+@pytest.mark.parametrize("model", ["digits-frozen", "digits"])
+def test_concurrent_clients_each_get_their_own_answer(server, digits, model):
+    x, y = digits
+    clients, per_client = 6, 20
+    order = np.random.default_rng(0).permutation(len(x))[: clients * per_client].reshape(clients, per_client)
+    with httpx.Client(timeout=60) as c:
+        alone = {int(i): _infer_one(server, x[i], "digits-frozen", c)[0] for i in order.ravel()}
+
+    def client_run(indices: np.ndarray) -> list[tuple[int, np.ndarray, str]]:
+        with httpx.Client(timeout=60) as c:
+            return [(int(i), *_infer_one(server, x[i], model, c)) for i in indices]
+
+    with ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(client_run, order))
+
+    assert [len(r) for r in results] == [per_client] * clients
+    ids = [rid for r in results for _, _, rid in r]
+    assert len(set(ids)) == len(ids)
+    answers = [(i, probs) for r in results for i, probs, _ in r]
+    if model == "digits-frozen":  # no batch dependence: identical to the image's answer alone
+        for i, probs in answers:
+            np.testing.assert_allclose(probs, alone[i], atol=1e-5)
+    accuracy = np.mean([probs.argmax() == y[i] for i, probs in answers])
+    assert accuracy >= 0.95, accuracy
+
+
+def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, digits):
+    x, _ = digits
+    bad = [
+        httpx.post(f"{server}/v2/models/nope/infer", json={"inputs": []}),
+        httpx.post(f"{server}/v2/models/digits/infer", content=b"{not json",
+                   headers={"Content-Type": "application/json"}),
+        httpx.post(f"{server}/v1/models/digits/predict", files=[("files", ("x.png", b"not an image", "image/png"))]),
+        httpx.post(f"{server}/v1/models/digits/feedback", json={"labels": {"nope": 1}},
+                   headers={"Authorization": f"Bearer {TOKEN}"}),
+    ]
+    assert [r.status_code for r in bad] == [404, 400, 400, 404]
+    assert all(set(r.json()) == {"error"} for r in bad)
+    r = httpx.post(f"{server}/v1/models/digits-frozen/predict", files=[("files", ("a.png", _png(x[0]), "image/png"))])
+    assert r.status_code == 200
+
+
+def test_cli_exits_2_with_a_message_for_bad_configuration(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models:\n  - {name: m, architecture: resnet20, method: nope}\n")
+    env = {**os.environ, "TTA_CACHE_DIR": str(tmp_path)}
+    run = subprocess.run(_serve_command("--config", str(bad)), capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 2 and "models.0" in run.stderr
+    missing = subprocess.run(
+        _serve_command("--architecture", "resnet20", "--weights", str(tmp_path / "missing.th")),
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert missing.returncode == 2 and "resnet20" in missing.stderr
