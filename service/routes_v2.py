@@ -228,9 +228,7 @@ _INFER_BODY = {
     responses={200: {"model": InferResponse}},
     openapi_extra=_INFER_BODY,
 )
-async def infer(
-    request: Request, engine: ReadyEngine, settings: AppSettings
-) -> Response:
+async def infer(request: Request, engine: ReadyEngine, settings: AppSettings) -> Response:
     body = decode_content(await request.body(), request.headers.get("content-encoding"), settings.max_body_bytes)
     header, binary = split_binary_body(body, request.headers.get(HEADER_LENGTH))
     try:
@@ -244,12 +242,7 @@ async def infer(
 
 
 @router.post("/v2/models/{name}/versions/{version}/infer", include_in_schema=False)
-async def infer_version(
-    request: Request,
-    version: str,
-    engine: ReadyEngine,
-    settings: AppSettings,
-) -> Response:
+async def infer_version(request: Request, version: str, engine: ReadyEngine, settings: AppSettings) -> Response:
     check_version(version, engine)
     return await infer(request, engine, settings)
 
