@@ -67,6 +67,31 @@ def serve(
     )
 
 
+@app.command("demo")
+def demo(
+    images_per_segment: Annotated[int, typer.Option(help="images streamed per drift segment")] = 400,
+    segments: Annotated[
+        str, typer.Option(help="comma-separated drift segments: 'clean' or corruption names (severity 5)")
+    ] = ",".join(("clean", "impulse_noise", "snow", "brightness", "frost", "contrast", "fog")),
+    batch: Annotated[int, typer.Option(help="images per HTTP request")] = 32,
+    port: Annotated[int | None, typer.Option(help="port for the demo server (default: a free one)")] = None,
+    seed: Annotated[int, typer.Option(help="random seed of the stream")] = 0,
+) -> None:
+    """Start the server and stream drifting digits through it: frozen vs adapting accuracy, live."""
+    from benchmarks.corruptions import CORRUPTIONS
+    from service.demo import run_demo
+
+    chosen = tuple(s.strip() for s in segments.split(",") if s.strip())
+    unknown = [s for s in chosen if s != "clean" and s not in CORRUPTIONS]
+    if not chosen or unknown:
+        _fail(f"unknown segments {unknown}; choose from clean, {', '.join(CORRUPTIONS)}")
+    if images_per_segment < 1 or batch < 1:
+        _fail("--images-per-segment and --batch must be at least 1")
+    result = run_demo(chosen, images_per_segment, batch, port, seed)
+    if result.adapting_accuracy <= result.frozen_accuracy:
+        raise typer.Exit(1)
+
+
 def _fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(2)

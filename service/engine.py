@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 import uuid
 from collections import OrderedDict, deque
@@ -140,6 +141,7 @@ class ModelEngine:
         self._pending_adapt: list[torch.Tensor] = []
         self._memory: OrderedDict[str, tuple[int, float]] = OrderedDict()
         self._memory_size = prediction_memory
+        self._memory_lock = threading.Lock()  # the worker adds ids while routes pop them
         self._labelled: deque[tuple[float, bool]] = deque(maxlen=feedback_window)
         self._last_reset_reason: str | None = None
 
@@ -225,8 +227,10 @@ class ModelEngine:
         return batch
 
     async def _batch_loop(self) -> None:
+        assert self._queue is not None
         while True:
             batch = await self._next_batch()
+            self.observer.on_queue_depth(self.name, self._queue.qsize())
             x = torch.cat([p.images for p in batch]) if len(batch) > 1 else batch[0].images
             try:
                 predictions = await asyncio.wrap_future(self._worker.submit(lambda x=x: self._run_batch(x), PREDICT))
@@ -326,9 +330,10 @@ class ModelEngine:
         self._worker.submit(lambda: self._step(batch), ADAPT)
 
     def _remember(self, request_id: str, label: int, confidence: float) -> None:
-        self._memory[request_id] = (label, confidence)
-        while len(self._memory) > self._memory_size:
-            self._memory.popitem(last=False)
+        with self._memory_lock:
+            self._memory[request_id] = (label, confidence)
+            while len(self._memory) > self._memory_size:
+                self._memory.popitem(last=False)
 
     # ------------------------------------------------------------------ admin operations
     async def _on_worker(self, fn: Any) -> Any:
@@ -345,15 +350,16 @@ class ModelEngine:
 
     def feedback(self, labels: dict[str, int]) -> dict[str, Any]:
         """Record true labels for earlier request ids; all-or-nothing so a typo never half-applies."""
-        unknown = [rid for rid in labels if rid not in self._memory]
-        if unknown:
-            raise UnknownRequestIds(unknown)
         bad = {rid: lab for rid, lab in labels.items() if not 0 <= lab < len(self.classes)}
         if bad:
             raise InvalidInput(f"labels out of range 0..{len(self.classes) - 1}: {bad}")
-        for rid, true_label in labels.items():
-            predicted, confidence = self._memory.pop(rid)
-            self._labelled.append((confidence, predicted == true_label))
+        with self._memory_lock:
+            unknown = [rid for rid in labels if rid not in self._memory]
+            if unknown:
+                raise UnknownRequestIds(unknown)
+            for rid, true_label in labels.items():
+                predicted, confidence = self._memory.pop(rid)
+                self._labelled.append((confidence, predicted == true_label))
         return {"accepted": len(labels), **self.online_calibration()}
 
     def online_calibration(self) -> dict[str, Any]:
