@@ -170,8 +170,14 @@ def bench(
         threads=threads,
         forward_batches=forward_batches,
     )
+
+    def save_partial(partial: runner.BenchResult) -> None:
+        """Keep finished methods on disk: a run of hours must not lose them to a late failure."""
+        if json_out is not None:
+            report.write_json(partial, json_out)
+
     try:
-        result = runner.run_benchmark(config, progress=not quiet)
+        result = runner.run_benchmark(config, progress=not quiet, on_run=save_partial)
     except runner.BenchError as exc:
         raise typer.BadParameter(str(exc), param_hint=exc.option) from None
     except AdapterConfigError as exc:

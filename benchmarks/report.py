@@ -123,6 +123,8 @@ def format_report(result: BenchResult) -> str:
         f"## {cfg['model']} · severity {cfg['severity']} · {cfg['protocol']} · batch {cfg['batch_size']} · "
         f"{sum(cfg['samples_per_corruption'].values()):,} images per method · seed {cfg['seed']}"
     )
+    if cfg.get("partial"):
+        title += " · PARTIAL (not every method has run)"
     parts = [title, *(method_table(run, source) for run in result.runs)]
     parts += ["### error % per corruption", wide_table(result), "### summary", summary_table(result)]
     parts.append(f"wall time {cfg['wall_seconds']:.0f} s on {cfg['threads']} thread(s)")
@@ -130,9 +132,11 @@ def format_report(result: BenchResult) -> str:
 
 
 def write_json(result: BenchResult, path: Path) -> None:
-    """The contract file: ``{"runs": [...], "config": {...}}``, every rate in percent."""
+    """The contract file: ``{"runs": [...], "config": {...}}``, every rate in percent (atomic write)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    tmp.replace(path)
 
 
 def load_json(path: Path) -> dict[str, Any]:
@@ -165,7 +169,8 @@ def plot_errors(result: BenchResult, path: Path) -> None:
         )
     ax.set_xticks(range(len(names)), [SHORT_NAMES.get(n, n) for n in names], rotation=45, ha="right")
     ax.set_ylabel("error %")
-    ax.set_ylim(bottom=0)
+    top = max((max(r.errors.values(), default=0.0) for r in result.runs), default=0.0)
+    ax.set_ylim(0, min(100.0, top * 1.25 + 1))  # head-room for the legend
     cfg = result.config
     ax.set_title(f"{cfg['model']}, severity {cfg['severity']}, {cfg['protocol']}, batch {cfg['batch_size']}")
     ax.grid(alpha=0.3)

@@ -367,12 +367,16 @@ def run_method(
 
 
 def run_benchmark(
-    config: BenchConfig, progress: bool = False, progress_hook: ProgressHook | None = None
+    config: BenchConfig,
+    progress: bool = False,
+    progress_hook: ProgressHook | None = None,
+    on_run: Callable[[BenchResult], None] | None = None,
 ) -> BenchResult:
     """Run every method of ``config`` over the corruption stream and collect results and config.
 
     ``progress`` draws tqdm bars on stderr (corruption generation and adaptation batches);
-    ``progress_hook`` is called after every batch instead of / besides that.
+    ``progress_hook`` is called after every batch instead of / besides that; ``on_run`` gets the
+    partial result after each method but the last (so a long run interrupted late keeps its numbers).
     """
     wall_start = time.perf_counter()
     if config.protocol not in PROTOCOLS:
@@ -418,6 +422,52 @@ def run_benchmark(
 
     runs: list[RunResult] = []
     described: dict[str, Any] = {}
+    model_digest = adapters.model_hash(model)
+
+    def snapshot(partial: bool) -> BenchResult:
+        """Results so far with the full config; ``partial`` until every method has run."""
+        methods_info = dict(described)
+        # Methods that were given --set options but not run still record their effective options.
+        for method, opts in options.items():
+            methods_info.setdefault(method, {"method": method, "options": opts.model_dump(), "ran": False})
+        record = {
+            "model": config.model,
+            "weights": str(config.weights),
+            "model_hash": model_digest,
+            "data": "cifar10c_dir" if config.cifar10c_dir is not None else "on_the_fly",
+            "clean_data": str(config.clean_data),
+            "cifar10c_dir": None if config.cifar10c_dir is None else str(config.cifar10c_dir),
+            "cifar10c_severity_rows": config.cifar10c_severity_rows,
+            "corruption_seed": config.seed,
+            "severity": config.severity,
+            "protocol": config.protocol,
+            "batch_size": config.batch_size,
+            "limit": config.limit,
+            "samples_per_corruption": {n: len(y) for n, (_, y) in streams.items()},
+            "seed": config.seed,
+            "corruptions": list(names),
+            "methods": methods_info,
+            "overrides": {m: dict(o) for m, o in config.options.items()},
+            "fisher": None
+            if fisher is None
+            else {
+                "samples": fisher.num_samples,
+                "batch_size": config.batch_size,
+                "source": "first clean images (overlap the test images)",
+            },
+            "clean_samples": len(eval_clean[1]),
+            "source_clean_accuracy": source_accuracy,
+            "forward_only": forward,
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "ece": "mean of per-corruption ECEs (15 equal-width bins); ece_pooled: over the whole stream",
+            "wall_seconds": time.perf_counter() - wall_start,
+            "partial": partial,
+        }
+        return BenchResult(list(runs), _jsonable(record))
+
     try:
         for method in config.methods:
             result, info = run_method(
@@ -435,49 +485,13 @@ def run_benchmark(
             )
             runs.append(result)
             described[method] = info
+            if on_run is not None and len(runs) < len(config.methods):
+                on_run(snapshot(partial=True))
     finally:
         if bar is not None:
             bar.close()
 
-    # Methods that were given --set options but not run still record their effective options.
-    for method, opts in options.items():
-        described.setdefault(method, {"method": method, "options": opts.model_dump(), "ran": False})
-    record = {
-        "model": config.model,
-        "weights": str(config.weights),
-        "model_hash": adapters.model_hash(model),
-        "data": "cifar10c_dir" if config.cifar10c_dir is not None else "on_the_fly",
-        "clean_data": str(config.clean_data),
-        "cifar10c_dir": None if config.cifar10c_dir is None else str(config.cifar10c_dir),
-        "cifar10c_severity_rows": config.cifar10c_severity_rows,
-        "corruption_seed": config.seed,
-        "severity": config.severity,
-        "protocol": config.protocol,
-        "batch_size": config.batch_size,
-        "limit": config.limit,
-        "samples_per_corruption": {n: len(y) for n, (_, y) in streams.items()},
-        "seed": config.seed,
-        "corruptions": list(names),
-        "methods": described,
-        "overrides": {m: dict(o) for m, o in config.options.items()},
-        "fisher": None
-        if fisher is None
-        else {
-            "samples": fisher.num_samples,
-            "batch_size": config.batch_size,
-            "source": "first clean images (overlap the test images)",
-        },
-        "clean_samples": len(eval_clean[1]),
-        "source_clean_accuracy": source_accuracy,
-        "forward_only": forward,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "ece": "mean of per-corruption ECEs (15 equal-width bins); ece_pooled: over the whole stream",
-        "wall_seconds": time.perf_counter() - wall_start,
-    }
-    return BenchResult(runs, _jsonable(record))
+    return snapshot(partial=False)
 
 
 def _jsonable(value: Any) -> Any:

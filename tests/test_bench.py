@@ -112,6 +112,7 @@ def test_bench_cli_writes_the_json_contract(cifar10, resnet20_weights, cache, tm
     assert set(cfg["methods"]) == {"source", "norm", "tent", "eata", "eata-c"}
     assert cfg["fisher"]["samples"] == 200 and cfg["forward_only"]["images_per_second"] > 0
     assert (cfg["severity"], cfg["batch_size"], cfg["limit"], cfg["seed"]) == (5, 50, 100, 0)
+    assert cfg["partial"] is False
     # The tables: one per method plus the "forward only" reference row.
     for method in by_method:
         assert f"### {method} (continual)" in result.stdout
@@ -236,8 +237,10 @@ def test_five_block_file_matches_on_the_fly(cifar10, resnet20_weights, cache, tm
 # --------------------------------------------------------------------------- reproducibility
 def test_seeded_runs_do_not_depend_on_method_or_corruption_order(cifar10, resnet20_weights, cache):
     """Reset protocol + per-method seeding: eata-c on contrast gives the same numbers alone or after others."""
+    snapshots: list[runner.BenchResult] = []
     both = runner.run_benchmark(
-        _config(
+        on_run=snapshots.append,
+        config=_config(
             resnet20_weights,
             cache,
             methods=("tent", "eata-c"),
@@ -245,7 +248,7 @@ def test_seeded_runs_do_not_depend_on_method_or_corruption_order(cifar10, resnet
             protocol="reset",
             limit=40,
             batch_size=20,
-        )
+        ),
     )
     alone = runner.run_benchmark(
         _config(
@@ -259,6 +262,8 @@ def test_seeded_runs_do_not_depend_on_method_or_corruption_order(cifar10, resnet
         )
     )
     run_both, run_alone = both.runs[1], alone.runs[0]
+    # The partial result after the first method is kept (written to --json by the CLI).
+    assert len(snapshots) == 1 and snapshots[0].config["partial"] and snapshots[0].runs == both.runs[:1]
     assert run_both.errors["contrast"] == run_alone.errors["contrast"]
     assert run_both.eces["contrast"] == run_alone.eces["contrast"]
     assert both.runs[0].protocol == "reset"
