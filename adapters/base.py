@@ -295,6 +295,12 @@ class Adapter:
                                      f"{tuple(self.params[name].shape)}")
                 self.params[name].copy_(value.to(self.params[name].device, self.params[name].dtype))
 
+    def load_optimizer_state(self, state: dict[str, Any] | None) -> None:
+        """Replace the optimiser state (a fresh optimiser when ``state`` is None)."""
+        self.optimizer = self._build_optimizer()
+        if self.optimizer is not None and state is not None:
+            self.optimizer.load_state_dict(copy.deepcopy(state))
+
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: adapted parameters, optimiser, moving average, counters."""
         return {
@@ -318,9 +324,7 @@ class Adapter:
                 f"state belongs to model {state.get('model_hash')}, this adapter's model is {self.source_hash}"
             )
         self.load_adapted_parameters(state["params"])
-        self.optimizer = self._build_optimizer()
-        if self.optimizer is not None and state.get("optimizer") is not None:
-            self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+        self.load_optimizer_state(state.get("optimizer"))
         self.prob_cache.load_state_dict(state.get("prob_cache", {}))
         self.guard.load_state_dict(state.get("guard", {}))
         self.num_classes = state.get("num_classes", self.num_classes)

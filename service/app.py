@@ -22,11 +22,13 @@ from fastapi import FastAPI, Request, Response
 from fastapi.openapi.utils import get_openapi
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import routes_v1, routes_v2
+from service import routes_v1, routes_v2, routes_ws
 from service.engine import EngineObserver, EngineRegistry, ModelEngine
 from service.http_errors import BodyTooLarge, error_response, install_error_handlers
 from service.metrics import RequestMetricsMiddleware, ServiceMetrics
 from service.model_sources import load_model, resolve_device
+from service.redis_state import RedisConnection, RedisProbabilityCache, RedisSnapshotStore
+from service.replication import Replica
 from service.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -49,9 +51,20 @@ def build_registry(settings: Settings, observer: EngineObserver | None = None) -
     """Load every configured model and build its engine; raises ``ModelLoadError`` naming the model."""
     configure_torch(settings)
     device = resolve_device(settings.device)
+    connection = RedisConnection(settings.redis_url) if settings.redis_url else None
+    if connection is not None and not connection.check():
+        log.error("redis at %s is down at start-up: serving from local state until it returns", settings.redis_url)
     engines = []
     for config in settings.resolved_models():
         loaded = load_model(config, device)
+        shared: dict[str, Any] = {}
+        if connection is not None:
+            shared = {
+                "prob_cache": RedisProbabilityCache(connection, config.name),
+                "snapshots": RedisSnapshotStore(connection),
+                "replica": Replica(connection, config.name, config.role, settings.replica_id,
+                                   settings.lease_ttl_ms, settings.sync_interval_ms),
+            }
         engines.append(
             ModelEngine(
                 config,
@@ -60,6 +73,7 @@ def build_registry(settings: Settings, observer: EngineObserver | None = None) -
                 observer=observer,
                 feedback_window=settings.feedback_window,
                 prediction_memory=settings.prediction_memory,
+                **shared,
             )
         )
         log.info("model %s: %s (%s, %s mode) on %s", config.name, config.method, config.architecture
@@ -148,6 +162,7 @@ def create_app(
     install_error_handlers(app)
     app.include_router(routes_v2.router)
     app.include_router(routes_v1.router)
+    app.include_router(routes_ws.router)
 
     @app.get("/metrics", summary="Prometheus metrics", tags=["operations"])
     async def prometheus_metrics(request: Request) -> Response:

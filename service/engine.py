@@ -28,7 +28,7 @@ import time
 import uuid
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -37,6 +37,9 @@ from service.model_sources import LoadedModel
 from service.settings import ModelConfig
 from service.snapshots import InMemorySnapshotStore, SnapshotInfo, SnapshotStore
 from service.worker import ADAPT, PREDICT, ModelWorker
+
+if TYPE_CHECKING:
+    from service.replication import Replica
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +119,7 @@ class ModelEngine:
         snapshots: SnapshotStore | None = None,
         feedback_window: int = 1000,
         prediction_memory: int = 100_000,
+        replica: Replica | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -144,6 +148,8 @@ class ModelEngine:
         self._memory_lock = threading.Lock()  # the worker adds ids while routes pop them
         self._labelled: deque[tuple[float, bool]] = deque(maxlen=feedback_window)
         self._last_reset_reason: str | None = None
+        self.replica = replica
+        self._replica_task: asyncio.Task | None = None
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -152,17 +158,40 @@ class ModelEngine:
 
     @property
     def adapts(self) -> bool:
-        return self.adapter.updates_parameters
+        """Whether this replica updates weights now (a follower serves its leader's instead)."""
+        return self.adapter.updates_parameters and (self.replica is None or self.replica.may_adapt())
 
     async def start(self) -> None:
         self._queue = asyncio.Queue()
         self._batcher = asyncio.create_task(self._batch_loop(), name=f"batcher-{self.name}")
+        if self.replica is not None:
+            await self._resume()
+            self._replica_task = asyncio.create_task(self.replica.run(self), name=f"replica-{self.name}")
+
+    async def _resume(self) -> None:
+        """A restarted replica resumes: a named snapshot if configured, else the newest published state."""
+        from service.redis_state import StoreUnavailable
+
+        try:
+            if self.config.resume_snapshot:
+                await self.restore_snapshot(self.config.resume_snapshot)
+                log.info("model %s: resumed snapshot %s", self.name, self.config.resume_snapshot)
+            else:
+                await self.replica.sync_once(self)  # type: ignore[union-attr]
+        except (StoreUnavailable, SnapshotNotFound, ValueError) as exc:
+            log.error("model %s: could not resume adapted state (%s); starting from the source weights",
+                      self.name, exc)
+
+    def store_status(self) -> dict[str, Any] | None:
+        """The shared state store's health, or None without one."""
+        return None if self.replica is None else self.replica.status()
 
     async def stop(self) -> None:
-        if self._batcher is not None:
-            self._batcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._batcher
+        for task in (self._replica_task, self._batcher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await asyncio.get_running_loop().run_in_executor(None, self._worker.stop)
 
     @property
@@ -254,6 +283,7 @@ class ModelEngine:
         cfg = self.config
         reliable: torch.Tensor | None = None
         selected: torch.Tensor | None = None
+        version = self.adapter.stats.parameter_version  # the weights that produce these answers
         if not self.adapter.uses_batch_statistics:
             logits = self.source.predict(x)
         elif cfg.mode == "sync" and self.adapts and n >= cfg.min_adapt_batch:
@@ -268,7 +298,6 @@ class ModelEngine:
         entropy = adapters.entropy(logits.detach().float()).cpu()
         if reliable is None and self.adapter.e0 is not None:
             reliable = entropy < self.adapter.e0
-        version = self.adapter.stats.parameter_version
         confidence, label = probs.max(1)
         predictions = []
         for i in range(n):
@@ -306,6 +335,8 @@ class ModelEngine:
     def _step(self, x: torch.Tensor) -> adapters.StepResult:
         started = time.perf_counter()
         result = self.adapter.step(x)
+        if self.replica is not None and self.replica.is_leader and (result.updated or result.reset_reason):
+            self.replica.publish(self)
         self.observer.on_step(self.name, result, time.perf_counter() - started)
         if result.reset_reason is not None:
             self._last_reset_reason = result.reset_reason
@@ -336,16 +367,19 @@ class ModelEngine:
                 self._memory.popitem(last=False)
 
     # ------------------------------------------------------------------ admin operations
-    async def _on_worker(self, fn: Any) -> Any:
+    async def run_on_worker(self, fn: Any) -> Any:
+        """Run ``fn`` on the model's worker thread, between batches (the only place weights change)."""
         return await asyncio.wrap_future(self._worker.submit(fn, PREDICT))
 
     async def reset(self) -> None:
         def do_reset() -> None:
             self.adapter.reset(adapters.guard.MANUAL)
+            if self.replica is not None and self.replica.is_leader:
+                self.replica.publish(self)
             self._pending_adapt = []
             self._last_reset_reason = adapters.guard.MANUAL
 
-        await self._on_worker(do_reset)
+        await self.run_on_worker(do_reset)
         self.observer.on_reset(self.name, adapters.guard.MANUAL)
 
     def feedback(self, labels: dict[str, int]) -> dict[str, Any]:
@@ -373,7 +407,7 @@ class ModelEngine:
         return {"labelled": len(self._labelled), "accuracy": acc.accuracy(), "ece": acc.ece()}
 
     async def save_snapshot(self, name: str) -> SnapshotInfo:
-        state = await self._on_worker(self.adapter.state_dict)
+        state = await self.run_on_worker(self.adapter.state_dict)
         return self.snapshots.save(self.name, name, state)
 
     def list_snapshots(self) -> list[SnapshotInfo]:
@@ -384,11 +418,11 @@ class ModelEngine:
             state = self.snapshots.load(self.name, name)
         except KeyError:
             raise SnapshotNotFound(name) from None
-        await self._on_worker(lambda: self.adapter.load_state_dict(state))
+        await self.run_on_worker(lambda: self.adapter.load_state_dict(state))
         return next(s for s in self.list_snapshots() if s.name == name)
 
     async def adaptation_info(self) -> dict[str, Any]:
-        return await self._on_worker(self._info)
+        return await self.run_on_worker(self._info)
 
     def _info(self) -> dict[str, Any]:
         stats = self.adapter.stats
@@ -417,6 +451,7 @@ class ModelEngine:
             "adapt_samples_dropped": self.counters.adapt_samples_dropped,
             "online": self.online_calibration(),
             "fisher": description.get("fisher", False),
+            "replication": self.store_status(),
         }
 
 

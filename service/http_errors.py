@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.engine import InvalidInput, SnapshotNotFound, UnknownModel, UnknownRequestIds
+from service.redis_state import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def snapshot_missing(request: Request, exc: SnapshotNotFound) -> JSONResponse:
         model = request.path_params.get("name", "")
         return error_response(404, f"no snapshot named {exc.args[0]!r} for model {model!r}")
+
+    @app.exception_handler(StoreUnavailable)
+    async def store_unavailable(request: Request, exc: StoreUnavailable) -> JSONResponse:
+        return error_response(503, f"shared state store unavailable: {exc}", {"Retry-After": "1"})
 
     @app.exception_handler(InvalidInput)
     async def invalid_input(request: Request, exc: InvalidInput) -> JSONResponse:

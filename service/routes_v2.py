@@ -160,15 +160,22 @@ async def live() -> dict[str, bool]:
     return {"live": True}
 
 
-@router.get("/v2/health/ready", summary="Readiness: 200 when every model is ready, else 503")
-async def ready(request: Request) -> dict[str, bool]:
+@router.get(
+    "/v2/health/ready",
+    summary="Readiness: 200 when every model is ready (status 'degraded' with the reason when the shared "
+    "state store is down but requests are still answered from local state), else 503",
+)
+async def ready(request: Request) -> dict[str, Any]:
     registry: EngineRegistry | None = request.app.state.registry
     if registry is None:
         raise ApiError(503, "models are still loading")
     waiting = [e.name for e in registry if not e.ready]
     if waiting:
         raise ApiError(503, f"models not ready: {waiting}")
-    return {"ready": True}
+    down = {e.name: status["store_error"] for e in registry if (status := e.store_status()) and not status["store_up"]}
+    if down:
+        return {"ready": True, "status": "degraded", "reason": f"state store down for {down}"}
+    return {"ready": True, "status": "ok"}
 
 
 def model_metadata(engine: ModelEngine) -> ModelMetadata:

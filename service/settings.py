@@ -54,6 +54,13 @@ class ModelConfig(BaseModel):
     adapt_queue_size: int = Field(8, ge=1, description="async mode: pending adaptation batches before dropping")
     max_images_per_request: int = Field(64, ge=1)
     collapse_guard: bool = Field(True, description="reset on collapse signals (library default is off)")
+    role: Literal["independent", "leader", "follower"] = Field(
+        "independent",
+        description="with TTA_REDIS_URL: 'leader' adapts and publishes, 'follower' serves the leader's "
+        "parameters (and takes over when the leader's lease lapses), 'independent' adapts alone and "
+        "shares only the redundancy moving average",
+    )
+    resume_snapshot: str | None = Field(None, description="named snapshot to load at start-up (Redis store)")
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
@@ -99,6 +106,10 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(4096 * 4096, ge=1, description="largest decoded image (width x height)")
     feedback_window: int = Field(1000, ge=1, description="labelled predictions in the online accuracy/ECE window")
     prediction_memory: int = Field(100_000, ge=1, description="recent request ids kept for delayed feedback")
+    redis_url: str | None = Field(None, description="shared state in Redis (moving average, snapshots, replicas)")
+    replica_id: str | None = Field(None, description="this replica's name in the leader lease (default host-pid)")
+    lease_ttl_ms: int = Field(3000, ge=200, description="leader lease expiry; a follower takes over after it")
+    sync_interval_ms: int = Field(500, ge=10, description="how often followers poll for newer parameters")
     models: list[ModelConfig] = Field(default_factory=list)
 
     @field_validator("models")

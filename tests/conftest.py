@@ -31,6 +31,14 @@ def resnet20_weights(shared):
     return checkpoint_path("resnet20")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _digits_cache(tmp_path_factory):
+    """One digits-model cache per session (unless the caller set TTA_CACHE_DIR): it trains once."""
+    if "TTA_CACHE_DIR" not in os.environ:
+        os.environ["TTA_CACHE_DIR"] = str(tmp_path_factory.getbasetemp() / "tta-cache")
+    yield
+
+
 @pytest.fixture(autouse=True)
 def _seeded():
     torch.manual_seed(0)

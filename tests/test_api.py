@@ -91,7 +91,7 @@ def error_of(response) -> str:
 # ------------------------------------------------------------------------------------ health and metadata
 def test_health_metadata_and_docs(client):
     assert client.get("/v2/health/live").status_code == 200
-    assert client.get("/v2/health/ready").json() == {"ready": True}
+    assert client.get("/v2/health/ready").json() == {"ready": True, "status": "ok"}
     assert "binary_tensor_data" in client.get("/v2").json()["extensions"]
     meta = client.get("/v2/models/digits").json()
     assert meta == {
