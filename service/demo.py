@@ -7,7 +7,6 @@ tensors, as the Triton client sends them), and a live table shows their accuracy
 
 from __future__ import annotations
 
-import json
 import socket
 import threading
 import time
@@ -20,6 +19,8 @@ import numpy as np
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
+
+from service.v2_client import infer
 
 DEFAULT_SEGMENTS = ("clean", "impulse_noise", "snow", "brightness", "frost", "contrast", "fog")
 ADAPTING, FROZEN = "digits", "digits-frozen"
@@ -97,31 +98,6 @@ def running_server(settings) -> Iterator[str]:
         thread.join(timeout=15)
 
 
-def infer_binary(client: httpx.Client, url: str, model: str, images: np.ndarray) -> np.ndarray:
-    """POST uint8 NHWC images with Triton's binary extension; return the probability matrix."""
-    raw = np.ascontiguousarray(images, dtype=np.uint8).tobytes()
-    header = json.dumps({
-        "inputs": [{"name": "images", "shape": list(images.shape), "datatype": "UINT8",
-                    "parameters": {"binary_data_size": len(raw)}}],
-        "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
-    }).encode()
-    response = client.post(
-        f"{url}/v2/models/{model}/infer",
-        content=header + raw,
-        headers={"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"},
-    )
-    if response.status_code != 200:
-        raise RuntimeError(f"{model}: HTTP {response.status_code}: {response.text[:300]}")
-    json_len = int(response.headers.get("Inference-Header-Content-Length", len(response.content)))
-    meta = json.loads(response.content[:json_len])
-    output = meta["outputs"][0]
-    if json_len < len(response.content):
-        probs = np.frombuffer(response.content[json_len:], dtype=np.float32)
-    else:
-        probs = np.asarray(output["data"], dtype=np.float32)
-    return probs.reshape(output["shape"])
-
-
 def drifting_stream(
     segments: tuple[str, ...], per_segment: int, seed: int
 ) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
@@ -173,23 +149,23 @@ def run_demo(
     )
     result = DemoResult()
     console.print(f"Starting tta-serve on port {settings.port} (the digits model trains on first use)...")
-    with running_server(settings) as url, httpx.Client(timeout=60) as client:
+    with running_server(settings) as url, httpx.Client(base_url=url, timeout=60) as client:
         with Live(results_table(result), console=console, refresh_per_second=4) as live:
             for name, images, labels in drifting_stream(segments, per_segment, seed):
                 segment = SegmentResult(name)
                 result.segments.append(segment)
                 for i in range(0, len(images), batch):
                     xb, yb = images[i : i + batch], labels[i : i + batch]
-                    before = client.get(f"{url}/v1/models/{ADAPTING}/adaptation").json()["samples_selected"]
-                    adapting = infer_binary(client, url, ADAPTING, xb).argmax(1)
-                    frozen = infer_binary(client, url, FROZEN, xb).argmax(1)
-                    after = client.get(f"{url}/v1/models/{ADAPTING}/adaptation").json()
+                    before = client.get(f"/v1/models/{ADAPTING}/adaptation").json()["samples_selected"]
+                    adapting = infer(client, ADAPTING, xb).argmax(1)
+                    frozen = infer(client, FROZEN, xb).argmax(1)
+                    after = client.get(f"/v1/models/{ADAPTING}/adaptation").json()
                     segment.images += len(xb)
                     segment.adapting_correct += int((adapting == yb).sum())
                     segment.frozen_correct += int((frozen == yb).sum())
                     segment.selected += after["samples_selected"] - before
                     live.update(results_table(result))
-        result.adaptation = client.get(f"{url}/v1/models/{ADAPTING}/adaptation").json()
+        result.adaptation = client.get(f"/v1/models/{ADAPTING}/adaptation").json()
     console.print()
     info = result.adaptation
     console.print(

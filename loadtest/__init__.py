@@ -1,0 +1,1 @@
+"""Load generators and server benchmarks (bounded, loopback only)."""
