@@ -22,7 +22,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.openapi.utils import get_openapi
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import routes_v1, routes_v2, routes_ws
+from service import routes_detect, routes_v1, routes_v2, routes_ws
 from service.engine import EngineObserver, EngineRegistry, ModelEngine
 from service.http_errors import BodyTooLarge, error_response, install_error_handlers
 from service.metrics import RequestMetricsMiddleware, ServiceMetrics
@@ -57,6 +57,10 @@ def build_registry(settings: Settings, observer: EngineObserver | None = None) -
     engines = []
     for config in settings.resolved_models():
         loaded = load_model(config, device)
+        if config.runtime == "onnx":  # the frozen fast path
+            from service.onnx_classifier import to_onnx_runtime
+
+            loaded = to_onnx_runtime(config, loaded, settings.threads)
         shared: dict[str, Any] = {}
         if connection is not None:
             shared = {
@@ -142,6 +146,8 @@ def create_app(
         else:
             configure_torch(settings)
         active: EngineRegistry = app.state.registry
+        if app.state.routing is None:  # CLIP, detectors and route tables (None when not configured)
+            app.state.routing = await asyncio.to_thread(routes_detect.routing_for_app, settings, active, metrics)
         await active.start()
         log.info("serving models %s", active.names())
         try:
@@ -159,8 +165,10 @@ def create_app(
     app.state.settings = settings
     app.state.registry = registry
     app.state.metrics = metrics
+    app.state.routing = None
     install_error_handlers(app)
     app.include_router(routes_v2.router)
+    app.include_router(routes_detect.router)  # before v1: routed ensembles share its predict path
     app.include_router(routes_v1.router)
     app.include_router(routes_ws.router)
 

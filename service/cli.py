@@ -100,8 +100,10 @@ def _fail(message: str) -> None:
 def _register_commands() -> None:
     """Attach commands defined elsewhere (benchmark, server) without import-time side effects."""
     from benchmarks.cli import register as register_bench
+    from service.clip.cli import register as register_clip
 
     register_bench(app)
+    register_clip(app)
 
 
 _register_commands()

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 import adapters
+from service.clip.config import RoutingConfig
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 BUILTIN_ARCHITECTURES = ("digits", "resnet20", "resnet32", "resnet44", "resnet56")
@@ -61,6 +62,9 @@ class ModelConfig(BaseModel):
         "shares only the redundancy moving average",
     )
     resume_snapshot: str | None = Field(None, description="named snapshot to load at start-up (Redis store)")
+    runtime: Literal["torch", "onnx"] = Field(
+        "torch", description="'onnx': serve a frozen (method 'source') model with onnxruntime from an ONNX export"
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
@@ -81,6 +85,12 @@ class ModelConfig(BaseModel):
             raise ValueError(str(exc)) from None
         if (self.fisher or self.fisher_data) and self.method not in ("eata", "eata-c"):
             raise ValueError(f"'fisher'/'fisher_data' only apply to eata and eata-c, not {self.method!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _onnx_is_frozen(self) -> ModelConfig:
+        if self.runtime == "onnx" and self.method != "source":
+            raise ValueError(f"runtime 'onnx' serves frozen models only: set method 'source' (not {self.method!r})")
         return self
 
     def effective_options(self) -> dict[str, Any]:
@@ -111,6 +121,7 @@ class Settings(BaseSettings):
     lease_ttl_ms: int = Field(3000, ge=200, description="leader lease expiry; a follower takes over after it")
     sync_interval_ms: int = Field(500, ge=10, description="how often followers poll for newer parameters")
     models: list[ModelConfig] = Field(default_factory=list)
+    routing: RoutingConfig | None = Field(None, description="CLIP-guided expert selection and detectors (docs/clip.md)")
 
     @field_validator("models")
     @classmethod
