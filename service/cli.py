@@ -101,9 +101,11 @@ def _register_commands() -> None:
     """Attach commands defined elsewhere (benchmark, server) without import-time side effects."""
     from benchmarks.cli import register as register_bench
     from service.clip.cli import register as register_clip
+    from service.stream_cli import register as register_stream
 
     register_bench(app)
     register_clip(app)
+    register_stream(app)
 
 
 _register_commands()
