@@ -408,6 +408,36 @@ def test_routing_configuration_errors_name_the_problem(clip_dir):
                                              "default_expert": "d"})
 
 
+def test_config_file_paths_are_relative_to_the_file(clip_dir, tmp_path):
+    from service.app import build_registry
+    from service.metrics import ServiceMetrics
+    from service.routes_detect import routing_for_app
+    from service.settings import load_settings
+
+    shutil.copytree(clip_dir, tmp_path / "clip")
+    build_constant_detector(tmp_path / "det.onnx", known_raw())
+    config = tmp_path / "models.yaml"
+    config.write_text(yaml.safe_dump({
+        "models": [{"name": "cnn", "factory": "helpers:small_bn_cnn", "method": "source", "input_size": [8, 8]}],
+        "routing": {
+            "clip": "clip",
+            "detectors": [{"name": "d", "onnx": "det.onnx", "classes": DETECTOR_CLASSES}],
+            "detect": {"routes": [{"name": "a", "expert": "d", "prompts": PROMPTS["clear"]}], "default_expert": "d"},
+        },
+    }))
+    settings = load_settings(config)
+    routing = routing_for_app(settings, build_registry(settings), ServiceMetrics())
+    assert routing.clip.directory == tmp_path / "clip" and set(routing.detectors) == {"d"}
+
+
+def test_export_command_fails_cleanly_on_a_bad_source(tmp_path):
+    from service.cli import app
+
+    result = CliRunner().invoke(app, ["export-clip", str(tmp_path), str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "is not a transformers CLIP folder" in result.output
+
+
 # ---------------------------------------------------------------------------------------- the frozen fast path
 def test_onnx_runtime_serves_a_frozen_classifier_like_pytorch(resnet20_weights):
     from adapters.models import build_cifar_resnet
