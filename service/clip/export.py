@@ -214,14 +214,14 @@ def export_transformers(
     except (OSError, ValueError) as exc:
         log.warning("no tokenizer in %s (%s): exporting without the text tower", source, exc)
     text_tower = tokenizer_json = text_spec = embed = None
+    tmp = tempfile.TemporaryDirectory(prefix="tta-clip-tok-")  # the tokenizer file until it is copied
     if tokenizer is not None and getattr(tokenizer, "is_fast", False):
         text_spec = TextSpec(
             context_length=cfg.text_config.max_position_embeddings,
             pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
             eos_id=tokenizer.eos_token_id,
         )
-        tmp = Path(tempfile.mkdtemp(prefix="tta-clip-tok-"))
-        tokenizer_json = tmp / "tokenizer.json"
+        tokenizer_json = Path(tmp.name) / "tokenizer.json"
         tokenizer.backend_tokenizer.save(str(tokenizer_json))
         hf_text = HFTextTower(model).eval()
         backend = _tokenizer(tokenizer_json)
@@ -235,12 +235,13 @@ def export_transformers(
             text_tower = hf_text
     elif tokenizer is not None:
         log.warning("the tokenizer in %s is not a fast (tokenizers) one: exporting without the text tower", source)
-    return write_clip_dir(
-        out, image_tower=HFImageTower(model).eval(), image=image, embed_dim=cfg.projection_dim,
-        logit_scale=float(model.logit_scale.detach()), model_id=str(source), source="transformers",
-        text_tower=text_tower, tokenizer_json=tokenizer_json, text=text_spec, prompts=prompts, embed_prompts=embed,
-        opset=opset,
-    )
+    with tmp:
+        return write_clip_dir(
+            out, image_tower=HFImageTower(model).eval(), image=image, embed_dim=cfg.projection_dim,
+            logit_scale=float(model.logit_scale.detach()), model_id=str(source), source="transformers",
+            text_tower=text_tower, tokenizer_json=tokenizer_json, text=text_spec, prompts=prompts,
+            embed_prompts=embed, opset=opset,
+        )
 
 
 # ---------------------------------------------------------------------------------------- open_clip

@@ -196,6 +196,8 @@ class SelectionObserver:
 
     def on_drift(self, table: str, score: float) -> None: ...
 
+    def on_detections(self, detector: str, count: int) -> None: ...
+
 
 class ExpertSelector:
     """CLIP + one route table: embeds images and decides; never raises for a CLIP failure."""

@@ -45,12 +45,12 @@ class Routing:
         clip: ClipModel,
         selectors: dict[str, ExpertSelector],
         detectors: dict[str, OnnxDetector],
-        observer: RoutingMetrics | SelectionObserver | None = None,
+        observer: SelectionObserver | None = None,
     ) -> None:
         self.clip = clip
         self.selectors = selectors
         self.detectors = detectors
-        self.observer = observer
+        self.observer = observer or SelectionObserver()
 
     # ------------------------------------------------------------------ detection
     async def detect(self, images: list[Image.Image]) -> list[tuple[Choice, list[Detection]]]:
@@ -62,8 +62,7 @@ class Routing:
         for (expert, idx), found in zip(groups.items(), await asyncio.gather(*runs), strict=True):
             for i, boxes in zip(idx, found, strict=True):
                 results[i] = boxes
-            if isinstance(self.observer, RoutingMetrics):
-                self.observer.on_detections(expert, sum(len(b) for b in found))
+            self.observer.on_detections(expert, sum(len(b) for b in found))
         return list(zip(choices, results, strict=True))
 
     # ------------------------------------------------------------------ routed classifiers
