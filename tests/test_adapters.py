@@ -228,7 +228,7 @@ def test_temperature_scaling_hits_the_target_confidence_and_keeps_the_label():
 
 
 def test_eata_c_lowers_confidence_where_full_and_subnetwork_disagree():
-    adapter = adapters.create("eata-c", small_bn_cnn())
+    adapter = adapters.create("eata-c", small_bn_cnn(), confidence_samples=1)
     logits = torch.tensor([[4.0, 0.0, 0.0], [4.0, 0.0, 0.0]])
     adapter._sub_logits = torch.tensor([[4.0, 0.0, 0.0], [0.0, 4.0, 0.0]])  # sample 1 disagrees
     calibrated = adapter.calibrate(torch.zeros(2, 3, 8, 8), logits).softmax(1).max(1).values
