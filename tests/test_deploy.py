@@ -1,0 +1,1045 @@
+"""The deployment artefacts agree with the server they deploy: Dockerfile, Compose and Kubernetes.
+
+Docker and kubectl cannot run here, so these tests check what can be checked statically:
+
+* every manifest parses, and a small Kustomize renderer (``render_kustomization``) builds the base and
+  each overlay the way ``kubectl kustomize`` would (resources, configMapGenerator with its hash suffix,
+  images, JSON 6902 patches), failing on any Kustomize feature it does not implement;
+* ``check_rendered`` checks the rendered objects against each other: selectors match pod labels,
+  Service targetPorts and probe ports resolve to container ports, ConfigMap/Secret references and keys
+  resolve, the HPA targets a Deployment that does not fix its own replicas, ...;
+* the probes, scrape annotations, ports and ``TTA_*`` variable names match the server's real routes
+  (``create_app``, asked over HTTP) and settings (``Settings.model_fields``), and the mounted model configuration
+  validates with ``load_settings``;
+* the Dockerfile installs what the README installs (``pip install .``) with the torch pin of
+  pyproject.toml, and the server imports nothing that install does not bring.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import copy
+import functools
+import hashlib
+import json
+import re
+import sys
+import tomllib
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path, PurePosixPath
+from typing import Any
+from urllib.parse import urlparse
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from starlette.testclient import TestClient
+
+from service.app import create_app
+from service.settings import Settings, load_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILE = ROOT / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+K8S = ROOT / "deploy" / "k8s"
+COMPOSE = ROOT / "deploy" / "docker-compose.yml"
+DEPLOY_DOC = ROOT / "docs" / "deploy.md"
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+IMAGE = "tta-serve"  # the image name the manifests use for the server
+K8S_BUILDS = [K8S, K8S / "overlays" / "cpu", K8S / "overlays" / "prometheus-operator"]
+
+
+# ====================================================================== what the server really has
+APP = create_app(Settings())  # no model is loaded: that happens in the lifespan, which never runs here
+
+
+@functools.cache
+def served(path: str) -> bool:
+    """Whether the app answers GET ``path`` with one of its routes (a 404 or 405 means it has none)."""
+    with_client = TestClient(APP, raise_server_exceptions=False)
+    return with_client.get(path).status_code not in (404, 405)
+
+
+def env_prefix() -> str:
+    return Settings.model_config["env_prefix"]
+
+
+def settings_env_names() -> set[str]:
+    """``TTA_<FIELD>`` for every field of the Settings class."""
+    return {f"{env_prefix()}{name}".upper() for name in Settings.model_fields}
+
+
+def runtime_env_names() -> set[str]:
+    """``TTA_*`` variables the server's own code reads from ``os.environ`` (e.g. the digits cache)."""
+    names: set[str] = set()
+    for path in [*(ROOT / "service").rglob("*.py"), *(ROOT / "adapters").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            key = None
+            if isinstance(node, ast.Subscript) and _is_environ(node.value):
+                key = node.slice
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.args:
+                if (node.func.attr == "get" and _is_environ(node.func.value)) or node.func.attr == "getenv":
+                    key = node.args[0]
+            elif isinstance(node, ast.Compare) and any(_is_environ(c) for c in node.comparators):
+                key = node.left
+            if isinstance(key, ast.Constant) and isinstance(key.value, str) and key.value.startswith(env_prefix()):
+                names.add(key.value)
+    return names
+
+
+def _is_environ(node: ast.AST) -> bool:
+    return isinstance(node, ast.Attribute) and node.attr == "environ"
+
+
+ALLOWED_ENV = settings_env_names() | runtime_env_names()
+
+
+def env_name_problems(names: set[str], where: str) -> list[str]:
+    unknown = sorted(n for n in names if n.startswith(env_prefix()) and n not in ALLOWED_ENV)
+    return [f"{where}: {n} is neither a Settings field nor read by the server" for n in unknown]
+
+
+def test_allowed_env_names_come_from_the_code() -> None:
+    assert {"TTA_HOST", "TTA_PORT", "TTA_ADMIN_TOKEN", "TTA_REDIS_URL", "TTA_CONFIG"} <= ALLOWED_ENV
+    assert "TTA_CACHE_DIR" in runtime_env_names()  # adapters/models/digits.py
+    assert served("/v2/health/live") and served("/v2/health/ready") and served("/metrics")
+    assert not served("/v2/health/alive") and not served("/healthz")
+
+
+# ====================================================================== Dockerfile
+@dataclass
+class Instruction:
+    stage: str  # the stage name (or index) this instruction belongs to
+    keyword: str
+    args: str
+    heredocs: list[str] = field(default_factory=list)
+
+
+def parse_dockerfile(text: str) -> list[Instruction]:
+    """Instructions with line continuations joined, comments dropped and heredoc bodies collected."""
+    lines = text.splitlines()
+    out: list[Instruction] = []
+    stage, count, i = "", 0, 0
+    while i < len(lines):
+        line = lines[i].strip()
+        i += 1
+        if not line or line.startswith("#"):
+            continue
+        while line.endswith("\\") and i < len(lines):
+            nxt = lines[i].strip()
+            i += 1
+            if nxt.startswith("#"):
+                continue
+            line = line[:-1].rstrip() + " " + nxt
+        keyword, _, args = line.partition(" ")
+        heredocs = []
+        for marker in re.findall(r"<<-?[\"']?(\w+)[\"']?", args):
+            body = []
+            while i < len(lines) and lines[i].strip() != marker:
+                body.append(lines[i])
+                i += 1
+            i += 1
+            heredocs.append("\n".join(body) + "\n")
+        keyword = keyword.upper()
+        if keyword == "FROM":
+            match = re.search(r"\s+AS\s+(\S+)\s*$", args, re.IGNORECASE)
+            stage = match.group(1) if match else str(count)
+            count += 1
+        out.append(Instruction(stage, keyword, args.strip(), heredocs))
+    return out
+
+
+DOCKER = parse_dockerfile(DOCKERFILE.read_text())
+
+
+def stage_of(name: str) -> list[Instruction]:
+    return [ins for ins in DOCKER if ins.stage == name]
+
+
+def final_stage() -> list[Instruction]:
+    return stage_of(DOCKER[-1].stage)
+
+
+def docker_env(instructions: list[Instruction]) -> dict[str, str]:
+    """ENV key=value pairs (quotes removed)."""
+    env: dict[str, str] = {}
+    for ins in instructions:
+        if ins.keyword == "ENV":
+            for key, value in re.findall(r"(\w+)=(\"[^\"]*\"|'[^']*'|\S+)", ins.args):
+                env[key] = value.strip("\"'")
+    return env
+
+
+def docker_args() -> dict[str, str]:
+    """Global ARG defaults (before the first FROM)."""
+    args: dict[str, str] = {}
+    for ins in DOCKER:
+        if ins.keyword == "FROM":
+            break
+        if ins.keyword == "ARG":
+            key, _, value = ins.args.partition("=")
+            args[key] = value
+    return args
+
+
+def only(instructions: list[Instruction], keyword: str) -> Instruction:
+    found = [ins for ins in instructions if ins.keyword == keyword]
+    assert len(found) == 1, f"expected one {keyword}, found {len(found)}"
+    return found[0]
+
+
+def image_uid() -> int:
+    user = only(final_stage(), "USER").args
+    uid = user.split(":")[0]
+    assert uid.isdigit(), f"USER {user}: use a numeric uid so Kubernetes can verify runAsNonRoot"
+    return int(uid)
+
+
+def image_port() -> int:
+    return int(docker_env(final_stage())["TTA_PORT"])
+
+
+def torch_pin() -> str:
+    pins = [Requirement(d) for d in PYPROJECT["project"]["dependencies"] if Requirement(d).name == "torch"]
+    assert len(pins) == 1
+    (spec,) = pins[0].specifier
+    assert spec.operator == "==", "pyproject.toml pins torch exactly"
+    return spec.version
+
+
+def test_dockerfile_torch_pin_matches_pyproject() -> None:
+    found = re.findall(r"\btorch==([\w.+-]+)", DOCKERFILE.read_text())
+    assert found, "the Dockerfile installs torch with an exact pin"
+    assert set(found) == {torch_pin()}
+
+
+def test_dockerfile_installs_the_project_as_the_readme_does() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert re.search(r"pip install \.(\s|$|&)", readme), "the README installs with `pip install .`"
+    builder = stage_of("builder")
+    installs = [ins.args for ins in builder if ins.keyword == "RUN" and "pip install" in ins.args]
+    commands = [c.strip() for run in installs for c in re.split(r"&&|;", run) if "pip install" in c]
+    assert any(re.fullmatch(r"pip install \.", c) for c in commands), commands
+    # Nothing but the pinned torch (whose index depends on the variant) besides the project itself.
+    for command in commands:
+        packages = [a for a in command.split()[2:] if not a.startswith("-") and not a.startswith('"$')]
+        assert packages in (["."], [f'"torch=={torch_pin()}"']), command
+    # Everything `pip install .` needs is copied first: pyproject, the README it names, every package.
+    copied = " ".join(ins.args for ins in builder if ins.keyword == "COPY")
+    needed = ["pyproject.toml", PYPROJECT["project"]["readme"]]
+    needed += [p.rstrip("*") for p in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]]
+    for item in needed:
+        assert re.search(rf"(^|\s){re.escape(item)}(\s|$)", copied), f"the builder does not COPY {item}"
+        assert not dockerignored(item + ("" if item.endswith((".toml", ".md")) else "/__init__.py"))
+
+
+def test_dockerfile_final_stage_has_only_the_environment() -> None:
+    final = final_stage()
+    assert final[0].args.split()[0] == "base", "the runtime stage starts from the bare Python base"
+    for ins in final:
+        if ins.keyword in ("COPY", "ADD") and not ins.heredocs:
+            assert "--from=builder" in ins.args, f"{ins.keyword} {ins.args}: copy only the built environment"
+        assert not (ins.keyword == "RUN" and "pip install" in ins.args), "no installs in the final stage"
+
+
+def test_dockerfile_variants() -> None:
+    args = docker_args()
+    assert args["VARIANT"] == "gpu"
+    gpu, cpu = args["GPU_BASE_IMAGE"], args["CPU_BASE_IMAGE"]
+    assert gpu.startswith("nvidia/cuda:") and "-runtime-" in gpu
+    match = re.fullmatch(r"python:(\d+)\.(\d+)-slim", cpu)
+    assert match, cpu
+    minimum = re.search(r"(\d+)\.(\d+)", PYPROJECT["project"]["requires-python"])
+    assert minimum and tuple(map(int, match.groups())) >= tuple(map(int, minimum.groups()))
+    froms = [ins.args for ins in DOCKER if ins.keyword == "FROM"]
+    assert "${GPU_BASE_IMAGE} AS python-gpu" in froms and "${CPU_BASE_IMAGE} AS python-cpu" in froms
+    assert "python-${VARIANT} AS base" in froms
+    text = DOCKERFILE.read_text()
+    assert "https://download.pytorch.org/whl/cpu" in text  # the CPU wheel for VARIANT=cpu
+    assert "ARG TORCH_INDEX=" in text
+
+
+def test_dockerfile_runtime_configuration() -> None:
+    final = final_stage()
+    env = docker_env(final)
+    assert not env_name_problems(set(env), "Dockerfile ENV")
+    assert env["TTA_HOST"] == "0.0.0.0"
+    assert image_port() == Settings.model_fields["port"].default
+    assert only(final, "EXPOSE").args.split() == [str(image_port())]
+    volumes = json.loads(only(final, "VOLUME").args)
+    assert {"/config", "/models"} <= set(volumes)
+    assert any(PurePosixPath(env["TTA_CONFIG"]).is_relative_to(v) for v in volumes)
+    assert image_uid() != 0
+    # The digits cache is where the server looks for it, and belongs to the image's user.
+    from adapters.models import digits
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TTA_CACHE_DIR", env["TTA_CACHE_DIR"])
+        assert digits.cache_dir() == Path(env["TTA_CACHE_DIR"])
+    runs = " ".join(ins.args for ins in final if ins.keyword == "RUN")
+    assert f"chown {image_uid()}:{image_uid()} {env['TTA_CACHE_DIR']}" in runs
+
+
+def test_dockerfile_default_config_validates(tmp_path: Path) -> None:
+    (heredoc,) = [ins for ins in final_stage() if ins.keyword == "COPY" and ins.heredocs]
+    target = heredoc.args.split()[-1]
+    assert target == docker_env(final_stage())["TTA_CONFIG"]
+    path = tmp_path / "models.yaml"
+    path.write_text(heredoc.heredocs[0])
+    settings = load_settings(path)
+    assert [m.architecture for m in settings.models] == ["digits"]  # needs no model files
+
+
+def test_dockerfile_healthcheck_and_entrypoint() -> None:
+    final = final_stage()
+    check = only(final, "HEALTHCHECK").args
+    assert "curl" not in check and "python -c" in check
+    assert set(re.findall(r"/v2/[\w/]+", check)) == {"/v2/health/live"} and served("/v2/health/live")
+    assert "TTA_PORT" in check and f"'{image_port()}'" in check
+    entry = json.loads(only(final, "ENTRYPOINT").args)
+    assert entry[0] in PYPROJECT["project"]["scripts"]
+    from service.cli import app
+
+    assert entry[1:] == ["serve"] and "serve" in [c.name for c in app.registered_commands]
+
+
+# ---------------------------------------------------------------------- .dockerignore
+def _dockerignore_regex(pattern: str) -> re.Pattern[str]:
+    out, i = "", 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out, i = out + "(.*/)?", i + 3
+        elif pattern.startswith("**", i):
+            out, i = out + ".*", i + 2
+        elif pattern[i] == "*":
+            out, i = out + "[^/]*", i + 1
+        elif pattern[i] == "?":
+            out, i = out + "[^/]", i + 1
+        else:
+            out, i = out + re.escape(pattern[i]), i + 1
+    return re.compile(out + r"\Z")
+
+
+def dockerignored(path: str) -> bool:
+    """Docker's rule: the last pattern matching the path or one of its parent folders decides."""
+    rules = [r.strip() for r in DOCKERIGNORE.read_text().splitlines()]
+    rules = [r for r in rules if r and not r.startswith("#")]
+    parts = PurePosixPath(path).parts
+    prefixes = ["/".join(parts[: n + 1]) for n in range(len(parts))]
+    excluded = False
+    for rule in rules:
+        negate = rule.startswith("!")
+        regex = _dockerignore_regex(rule.lstrip("!").strip("/"))
+        if any(regex.match(p) for p in prefixes):
+            excluded = not negate
+    return excluded
+
+
+def test_dockerignore_sends_only_the_sources() -> None:
+    assert not dockerignored("service/app.py") and not dockerignored("adapters/models/digits.py")
+    for path in ("tests/test_api.py", "docs/api.md", ".git/HEAD", "runs/x.json", ".venv/bin/python",
+                 "service/__pycache__/app.cpython-311.pyc", "deploy/k8s/kustomization.yaml"):
+        assert dockerignored(path), path
+
+
+def test_image_install_brings_every_module_the_server_imports() -> None:
+    """`pip install .` in the image must bring every third-party module `tta-serve serve` imports.
+
+    Follows the imports of our own modules: at module level from service.app and service.cli, plus the
+    function-level imports of the ``serve`` command (uvicorn). An import guarded by ``try``/``except
+    ImportError`` or ``TYPE_CHECKING`` is optional. Imports inside other functions (offline tools such as
+    ``export-clip``) must at least be declared, in the dependencies or an extra.
+    """
+    cli = ast.parse((ROOT / "service" / "cli.py").read_text())
+    (serve,) = [n for n in cli.body if isinstance(n, ast.FunctionDef) and n.name == "serve"]
+    serve_imports = _imported_names(ast.Module(body=serve.body, type_ignores=[]), ["service"], lazy=True)
+    at_start = _reachable_third_party_imports(["service.app", "service.cli", *serve_imports], lazy=False)
+    assert {"torch", "fastapi", "uvicorn"} <= set(at_start)
+    anywhere = _reachable_third_party_imports(["service.app", "service.cli"], lazy=True)
+    extras = [r for group in PYPROJECT["project"].get("optional-dependencies", {}).values() for r in group]
+    main = _requirement_closure(PYPROJECT["project"]["dependencies"])
+    declared = main | _requirement_closure(extras)
+    provided = metadata.packages_distributions()
+
+    def missing(imports: dict[str, str], required: set[str]) -> dict[str, str]:
+        dists = {name: {canonicalize_name(d) for d in provided.get(name, [name])} for name in imports}
+        return {name: where for name, where in imports.items() if not dists[name] & required}
+
+    assert missing(at_start, main) == {}, "imported by `tta-serve serve` but not in pyproject's dependencies"
+    assert missing(anywhere, declared) == {}, "imported by the package but declared nowhere in pyproject.toml"
+
+
+LOCAL_PACKAGES = {p.rstrip("*") for p in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]}
+
+
+def _module_file(name: str) -> Path | None:
+    if name.split(".")[0] not in LOCAL_PACKAGES:
+        return None
+    base = ROOT.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _reachable_third_party_imports(entry_points: list[str] | set[str], lazy: bool) -> dict[str, str]:
+    """Top-level third-party module names reachable from ``entry_points``, each with one importer.
+
+    ``lazy``: also follow imports inside functions; otherwise only what runs when a module is imported.
+    """
+    found: dict[str, str] = {}
+    todo, seen = list(entry_points), set()
+    while todo:
+        module = todo.pop()
+        path = _module_file(module)
+        if module in seen:
+            continue
+        seen.add(module)
+        if path is None:
+            if (top := module.split(".")[0]) not in sys.stdlib_module_names and top not in LOCAL_PACKAGES:
+                found.setdefault(top, "(entry point)")
+            continue
+        parts = module.split(".")
+        todo += [".".join(parts[:n]) for n in range(1, len(parts))]  # parent packages run first
+        package = parts if path.name == "__init__.py" else parts[:-1]
+        for name in _imported_names(ast.parse(path.read_text()), package, lazy):
+            if _module_file(name) is not None:
+                todo.append(name)
+            elif (top := name.split(".")[0]) not in sys.stdlib_module_names and top not in LOCAL_PACKAGES:
+                found.setdefault(top, module)
+    return found
+
+
+def _imported_names(tree: ast.Module, package: list[str], lazy: bool) -> set[str]:
+    """Absolute names imported by a module, except optional (guarded) imports."""
+    skipped: set[int] = set()
+    for node in ast.walk(tree):
+        guards_import = isinstance(node, ast.Try) and any(
+            h.type is not None and re.search(r"ImportError|ModuleNotFoundError", ast.unparse(h.type))
+            for h in node.handlers
+        )
+        type_checking = isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+        function = not lazy and isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda)
+        if guards_import or type_checking or function:
+            body = node.body if isinstance(node.body, list) else [node.body]  # type: ignore[attr-defined]
+            skipped |= {id(n) for stmt in body for n in ast.walk(stmt)}
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join([*base, *([node.module] if node.module else [])])
+            names.add(module)
+            names |= {f"{module}.{alias.name}" for alias in node.names if _module_file(f"{module}.{alias.name}")}
+    return names
+
+
+def _requirement_closure(requirements: list[str]) -> set[str]:
+    """The distributions these requirements install, following the installed metadata."""
+    seen: set[str] = set()
+    todo = [Requirement(r) for r in requirements]
+    while todo:
+        req = todo.pop()
+        name = canonicalize_name(req.name)
+        if name in seen or (req.marker is not None and not req.marker.evaluate({"extra": ""})):
+            continue
+        seen.add(name)
+        with contextlib.suppress(metadata.PackageNotFoundError):  # not installed here: nothing to follow
+            todo += [Requirement(r) for r in metadata.requires(req.name) or []]
+    return seen
+
+
+# ====================================================================== Kustomize rendering
+class KustomizeError(AssertionError):
+    """A kustomization this renderer cannot build (or one that kustomize itself would reject)."""
+
+
+KUSTOMIZATION_KEYS = {"apiVersion", "kind", "resources", "configMapGenerator", "images", "patches"}
+POD_OWNERS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"}
+
+
+def render_kustomization(directory: Path) -> list[dict[str, Any]]:
+    """Build ``directory/kustomization.yaml`` the way ``kubectl kustomize`` does, for the features used here."""
+    kfile = directory / "kustomization.yaml"
+    if not kfile.is_file():
+        raise KustomizeError(f"{directory}: no kustomization.yaml")
+    spec = yaml.safe_load(kfile.read_text())
+    unknown = set(spec) - KUSTOMIZATION_KEYS
+    if unknown:
+        raise KustomizeError(f"{kfile}: unsupported kustomization keys {sorted(unknown)}")
+    if spec.get("kind") != "Kustomization":
+        raise KustomizeError(f"{kfile}: kind must be Kustomization")
+    docs: list[dict[str, Any]] = []
+    for entry in spec.get("resources", []):
+        path = (directory / entry).resolve()
+        if path.is_dir():
+            docs += render_kustomization(path)
+        elif path.is_file():
+            docs += [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+        else:
+            raise KustomizeError(f"{kfile}: resource {entry} does not exist")
+    renames: dict[tuple[str, str], str] = {}
+    for gen in spec.get("configMapGenerator", []):
+        if set(gen) - {"name", "files", "literals", "options"} or gen.get("behavior", "create") != "create":
+            raise KustomizeError(f"{kfile}: unsupported configMapGenerator fields in {gen}")
+        data: dict[str, str] = {}
+        for item in gen.get("files", []):
+            key, _, rel = item.rpartition("=")
+            source = directory / rel
+            if not source.is_file():
+                raise KustomizeError(f"{kfile}: configMapGenerator file {rel} does not exist")
+            data[key or source.name] = source.read_text()
+        for literal in gen.get("literals", []):
+            key, _, value = literal.partition("=")
+            data[key] = value
+        name = gen["name"]
+        if not (gen.get("options") or {}).get("disableNameSuffixHash"):
+            digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]
+            renames[("ConfigMap", name)] = f"{name}-{digest}"
+            name = renames[("ConfigMap", name)]
+        docs.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}, "data": data})
+    for doc in docs:
+        _rename_references(doc, renames)
+    for image in spec.get("images", []):
+        for doc in docs:
+            for container in _containers(doc):
+                if _image_name(container["image"]) == image["name"]:
+                    repo = image.get("newName", image["name"])
+                    tag = image.get("newTag") or _image_tag(container["image"])
+                    container["image"] = f"{repo}:{tag}" if tag else repo
+    for patch in spec.get("patches", []):
+        text = patch["patch"] if "patch" in patch else (directory / patch["path"]).read_text()
+        ops = yaml.safe_load(text)
+        if not isinstance(ops, list):
+            raise KustomizeError(f"{kfile}: only JSON 6902 patches (a list of operations) are supported")
+        targets = [d for d in docs if _matches_target(d, patch.get("target") or {})]
+        if not targets:
+            raise KustomizeError(f"{kfile}: patch target {patch.get('target')} matches nothing")
+        for doc in targets:
+            for op in ops:
+                _json_patch(doc, op)
+    seen: set[tuple[str, str]] = set()
+    for doc in docs:
+        key = (doc.get("kind", ""), (doc.get("metadata") or {}).get("name", ""))
+        if key in seen:
+            raise KustomizeError(f"{kfile}: duplicate {key}")
+        seen.add(key)
+    return docs
+
+
+def pod_spec(doc: dict[str, Any]) -> dict[str, Any] | None:
+    if doc.get("kind") in POD_OWNERS:
+        return doc["spec"]["template"]["spec"]
+    if doc.get("kind") == "CronJob":
+        return doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    if doc.get("kind") == "Pod":
+        return doc["spec"]
+    return None
+
+
+def pod_labels(doc: dict[str, Any]) -> dict[str, str]:
+    return (doc["spec"]["template"].get("metadata") or {}).get("labels") or {}
+
+
+def _containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    spec = pod_spec(doc)
+    return [] if spec is None else [*spec.get("initContainers", []), *spec.get("containers", [])]
+
+
+def _image_name(image: str) -> str:
+    return re.sub(r"(@sha256:[0-9a-f]+|:[\w.-]+)$", "", image)
+
+
+def _image_tag(image: str) -> str | None:
+    match = re.search(r":([\w.-]+)$", image.split("@")[0])
+    return match.group(1) if match else None
+
+
+def _rename_references(doc: dict[str, Any], renames: dict[tuple[str, str], str]) -> None:
+    spec = pod_spec(doc)
+    if spec is None or not renames:
+        return
+
+    def rename(ref: dict[str, Any] | None, kind: str, key: str = "name") -> None:
+        if ref and (kind, ref.get(key)) in renames:
+            ref[key] = renames[(kind, ref[key])]
+
+    for volume in spec.get("volumes", []):
+        rename(volume.get("configMap"), "ConfigMap")
+        rename(volume.get("secret"), "Secret", "secretName")
+        for source in (volume.get("projected") or {}).get("sources", []):
+            rename(source.get("configMap"), "ConfigMap")
+            rename(source.get("secret"), "Secret")
+    for container in _containers(doc):
+        for env in container.get("env", []):
+            rename((env.get("valueFrom") or {}).get("configMapKeyRef"), "ConfigMap")
+            rename((env.get("valueFrom") or {}).get("secretKeyRef"), "Secret")
+        for source in container.get("envFrom", []):
+            rename(source.get("configMapRef"), "ConfigMap")
+            rename(source.get("secretRef"), "Secret")
+
+
+def _matches_target(doc: dict[str, Any], target: dict[str, str]) -> bool:
+    group, _, version = doc.get("apiVersion", "").rpartition("/")
+    wanted = {"group": group, "version": version, "kind": doc.get("kind"), "name": doc["metadata"]["name"]}
+    return all(wanted.get(k) == v for k, v in target.items() if k in wanted) and set(target) <= set(wanted)
+
+
+def _json_patch(doc: dict[str, Any], op: dict[str, Any]) -> None:
+    """One RFC 6902 operation (add, remove, replace, test)."""
+    parts = [p.replace("~1", "/").replace("~0", "~") for p in op["path"].split("/")[1:]]
+    parent: Any = doc
+    for part in parts[:-1]:
+        parent = parent[int(part)] if isinstance(parent, list) else parent[part]
+    last = parts[-1]
+    kind = op["op"]
+    try:
+        if isinstance(parent, list):
+            index = len(parent) if last == "-" else int(last)
+            if kind == "add":
+                parent.insert(index, copy.deepcopy(op["value"]))
+            elif kind == "remove":
+                del parent[index]
+            elif kind == "replace":
+                parent[index] = copy.deepcopy(op["value"])
+            elif kind == "test":
+                if parent[index] != op["value"]:
+                    raise KustomizeError(f"test failed at {op['path']}: {parent[index]!r} != {op['value']!r}")
+            else:
+                raise KustomizeError(f"unsupported patch op {kind}")
+        else:
+            if kind in ("remove", "replace", "test") and last not in parent:
+                raise KustomizeError(f"{kind} {op['path']}: no such member")
+            if kind in ("add", "replace"):
+                parent[last] = copy.deepcopy(op["value"])
+            elif kind == "remove":
+                del parent[last]
+            elif kind == "test":
+                if parent[last] != op["value"]:
+                    raise KustomizeError(f"test failed at {op['path']}: {parent[last]!r} != {op['value']!r}")
+            else:
+                raise KustomizeError(f"unsupported patch op {kind}")
+    except (IndexError, KeyError, ValueError, TypeError) as exc:
+        raise KustomizeError(f"patch {op} does not apply: {exc!r}") from None
+
+
+# ---------------------------------------------------------------------- consistency of rendered objects
+def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def _container_port(container: dict[str, Any], port: int | str) -> int | None:
+    for p in container.get("ports", []):
+        if port in (p.get("name"), p["containerPort"]):
+            return p["containerPort"]
+    return None
+
+
+def check_rendered(docs: list[dict[str, Any]]) -> list[str]:
+    """Cross-object problems in rendered manifests (empty when consistent)."""
+    problems: list[str] = []
+    by_kind: dict[str, dict[str, dict[str, Any]]] = {}
+    for doc in docs:
+        name = (doc.get("metadata") or {}).get("name")
+        if not doc.get("apiVersion") or not doc.get("kind") or not name:
+            problems.append(f"object without apiVersion, kind or metadata.name: {str(doc)[:80]}")
+            continue
+        by_kind.setdefault(doc["kind"], {})[name] = doc
+    workloads = [d for k in POD_OWNERS for d in by_kind.get(k, {}).values()]
+    configmaps, secrets = by_kind.get("ConfigMap", {}), by_kind.get("Secret", {})
+
+    def has_key(kind: str, name: str, key: str | None) -> bool:
+        store = configmaps if kind == "ConfigMap" else secrets
+        if name not in store:
+            problems.append(f"{kind} {name!r} is referenced but not defined")
+            return False
+        obj = store[name]
+        keys = {*(obj.get("data") or {}), *(obj.get("stringData") or {}), *(obj.get("binaryData") or {})}
+        if key is not None and key not in keys:
+            problems.append(f"{kind} {name!r} has no key {key!r}")
+            return False
+        return True
+
+    for w in workloads:
+        where = f"{w['kind']} {w['metadata']['name']}"
+        selector = (w["spec"].get("selector") or {}).get("matchLabels") or {}
+        if not _selects(selector, pod_labels(w)):
+            problems.append(f"{where}: selector {selector} does not match its pod labels {pod_labels(w)}")
+        for other in workloads:
+            if other is not w and _selects(selector, pod_labels(other)):
+                problems.append(f"{where}: selector also matches the pods of {other['metadata']['name']}")
+        spec = pod_spec(w) or {}
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        for v in volumes.values():
+            if "configMap" in v:
+                for item in v["configMap"].get("items", [None]):
+                    has_key("ConfigMap", v["configMap"]["name"], item and item["key"])
+            if "secret" in v:
+                for item in v["secret"].get("items", [None]):
+                    has_key("Secret", v["secret"]["secretName"], item and item["key"])
+        for c in _containers(w):
+            cwhere = f"{where} container {c['name']}"
+            names = [e["name"] for e in c.get("env", [])]
+            if len(names) != len(set(names)):
+                problems.append(f"{cwhere}: duplicate env names {names}")
+            for e in c.get("env", []):
+                ref = e.get("valueFrom") or {}
+                if "configMapKeyRef" in ref:
+                    has_key("ConfigMap", ref["configMapKeyRef"]["name"], ref["configMapKeyRef"]["key"])
+                if "secretKeyRef" in ref:
+                    has_key("Secret", ref["secretKeyRef"]["name"], ref["secretKeyRef"]["key"])
+            for source in c.get("envFrom", []):
+                if "configMapRef" in source:
+                    has_key("ConfigMap", source["configMapRef"]["name"], None)
+                if "secretRef" in source:
+                    has_key("Secret", source["secretRef"]["name"], None)
+            for mount in c.get("volumeMounts", []):
+                if mount["name"] not in volumes:
+                    problems.append(f"{cwhere}: mounts undefined volume {mount['name']!r}")
+            for probe_name in ("startupProbe", "livenessProbe", "readinessProbe"):
+                probe = c.get(probe_name) or {}
+                action = probe.get("httpGet") or probe.get("tcpSocket")
+                if action and _container_port(c, action["port"]) is None:
+                    problems.append(f"{cwhere}: {probe_name} port {action['port']!r} is not a container port")
+
+    for svc in by_kind.get("Service", {}).values():
+        where = f"Service {svc['metadata']['name']}"
+        selected = [w for w in workloads if _selects(svc["spec"].get("selector") or {}, pod_labels(w))]
+        if not selected:
+            problems.append(f"{where}: selector {svc['spec'].get('selector')} matches no pods")
+        for port in svc["spec"].get("ports", []):
+            target = port.get("targetPort", port["port"])
+            for w in selected:
+                if not any(_container_port(c, target) for c in _containers(w)):
+                    problems.append(f"{where}: targetPort {target!r} is no container port of {w['metadata']['name']}")
+
+    for hpa in by_kind.get("HorizontalPodAutoscaler", {}).values():
+        ref = hpa["spec"]["scaleTargetRef"]
+        target = by_kind.get(ref["kind"], {}).get(ref["name"])
+        if target is None:
+            problems.append(f"HPA {hpa['metadata']['name']}: target {ref['kind']} {ref['name']} does not exist")
+        elif "replicas" in target["spec"]:
+            problems.append(f"HPA {hpa['metadata']['name']}: {ref['name']} sets replicas, which fights the HPA")
+
+    for monitor in by_kind.get("ServiceMonitor", {}).values():
+        wanted = monitor["spec"]["selector"].get("matchLabels") or {}
+        services = [s for s in by_kind.get("Service", {}).values() if _selects(wanted, s["metadata"].get("labels", {}))]
+        if not services:
+            problems.append(f"ServiceMonitor {monitor['metadata']['name']}: selects no Service")
+        for endpoint in monitor["spec"].get("endpoints", []):
+            if not all(endpoint.get("port") in {p.get("name") for p in s["spec"]["ports"]} for s in services):
+                problems.append(f"ServiceMonitor {monitor['metadata']['name']}: port {endpoint.get('port')} not named")
+
+    for policy in by_kind.get("NetworkPolicy", {}).values():
+        selectors = [policy["spec"]["podSelector"].get("matchLabels") or {}]
+        selectors += [(f.get("podSelector") or {}).get("matchLabels") or {}
+                      for rule in policy["spec"].get("ingress", []) for f in rule.get("from", []) if "podSelector" in f]
+        for selector in selectors:
+            if not any(_selects(selector, pod_labels(w)) for w in workloads):
+                problems.append(f"NetworkPolicy {policy['metadata']['name']}: {selector} matches no pods")
+    return problems
+
+
+# ---------------------------------------------------------------------- the tests on the manifests
+def _kustomizations() -> list[Path]:
+    return sorted(K8S.rglob("kustomization.yaml"))
+
+
+def test_every_manifest_parses_and_is_used() -> None:
+    used: set[Path] = set()
+    for kfile in _kustomizations():
+        spec = yaml.safe_load(kfile.read_text())
+        used.add(kfile)
+        used |= {(kfile.parent / r).resolve() for r in spec.get("resources", [])}
+        used |= {(kfile.parent / p["path"]).resolve() for p in spec.get("patches", []) if "path" in p}
+        used |= {(kfile.parent / f.rpartition("=")[2]).resolve()
+                 for g in spec.get("configMapGenerator", []) for f in g.get("files", [])}
+    files = sorted(K8S.rglob("*.yaml")) + sorted(K8S.rglob("*.yml"))
+    assert len(files) >= 10
+    for path in files:
+        docs = list(yaml.safe_load_all(path.read_text()))
+        assert docs and all(d is not None for d in docs), path
+        assert path.resolve() in used, f"{path.relative_to(ROOT)} is not used by any kustomization"
+
+
+@pytest.mark.parametrize("build", K8S_BUILDS, ids=lambda p: str(p.relative_to(K8S)) or "base")
+def test_kustomization_renders_consistently(build: Path) -> None:
+    docs = render_kustomization(build)
+    assert check_rendered(docs) == []
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    expected = {("Deployment", "tta-serve-leader"), ("Deployment", "tta-serve-follower"), ("Service", "tta-serve"),
+                ("Deployment", "tta-serve-redis"), ("Service", "tta-serve-redis"), ("Secret", "tta-serve-admin"),
+                ("HorizontalPodAutoscaler", "tta-serve-follower"), ("NetworkPolicy", "tta-serve-redis")}
+    assert expected <= kinds
+    assert any(kind == "ConfigMap" and name.startswith("tta-serve-config-") for kind, name in kinds)
+    if build.name == "prometheus-operator":
+        assert ("ServiceMonitor", "tta-serve") in kinds
+
+
+def test_checker_finds_broken_manifests() -> None:
+    docs = render_kustomization(K8S)
+    assert check_rendered(docs) == []
+
+    def find(kind: str, name: str, docs: list[dict[str, Any]]) -> dict[str, Any]:
+        return next(d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name)
+
+    breakages = {
+        "targetPort": lambda d: find("Service", "tta-serve", d)["spec"]["ports"][0].update(targetPort="metrics"),
+        "selector": lambda d: find("Service", "tta-serve-redis", d)["spec"].update(selector={"app": "nope"}),
+        "ConfigMap": lambda d: d.remove(next(x for x in d if x["kind"] == "ConfigMap")),
+        "secret key": lambda d: find("Secret", "tta-serve-admin", d).update(stringData={"token": "x"}),
+        "HPA": lambda d: find("Deployment", "tta-serve-follower", d)["spec"].update(replicas=2),
+        "pod labels": lambda d: pod_labels(find("Deployment", "tta-serve-leader", d)).update(
+            {"app.kubernetes.io/component": "follower"}),
+    }
+    for what, breaks in breakages.items():
+        broken = copy.deepcopy(docs)
+        breaks(broken)
+        assert check_rendered(broken), f"a broken {what} went unnoticed"
+    with pytest.raises(KustomizeError, match="test failed"):
+        _json_patch(find("Deployment", "tta-serve-leader", copy.deepcopy(docs)),
+                     {"op": "test", "path": "/spec/template/spec/containers/0/env/0/name", "value": "TTA_DEVICE"})
+
+
+# ---------------------------------------------------------------------- the tta-serve pods against the server
+def tta_workloads(docs: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(workload, server container) for every pod that runs the tta-serve image."""
+    found = [(d, c) for d in docs for c in _containers(d) if _image_name(c["image"]).endswith(IMAGE)]
+    assert found
+    return found
+
+
+def env_of(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+@pytest.mark.parametrize("build", K8S_BUILDS, ids=lambda p: str(p.relative_to(K8S)) or "base")
+def test_server_pods_match_the_server(build: Path, tmp_path: Path) -> None:
+    docs = render_kustomization(build)
+    objects = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    for workload, c in tta_workloads(docs):
+        where = workload["metadata"]["name"]
+        env = env_of(c)
+        assert not env_name_problems(set(env), where)
+        # Port: the container listens where the server is told to (TTA_PORT, else the image's default).
+        port = int(env["TTA_PORT"]["value"]) if "TTA_PORT" in env else image_port()
+        assert _container_port(c, "http") == port
+        assert env.get("TTA_HOST", {}).get("value", docker_env(final_stage())["TTA_HOST"]) == "0.0.0.0"
+        # Probes on the real health routes.
+        assert c["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+        assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            if probe in c:
+                assert served(c[probe]["httpGet"]["path"])
+                assert _container_port(c, c[probe]["httpGet"]["port"]) == port
+        # Prometheus scrape annotations.
+        notes = workload["spec"]["template"]["metadata"].get("annotations") or {}
+        assert notes["prometheus.io/scrape"] == "true"
+        assert int(notes["prometheus.io/port"]) == port and served(notes["prometheus.io/path"])
+        # Admin token from the Secret, never a literal.
+        token = env["TTA_ADMIN_TOKEN"]
+        assert "value" not in token and ("Secret", token["valueFrom"]["secretKeyRef"]["name"]) in objects
+        # Redis: the URL names a Service that reaches a Redis container port.
+        url = urlparse(env["TTA_REDIS_URL"]["value"])
+        assert url.scheme == "redis"
+        redis_service = objects[("Service", url.hostname)]
+        (svc_port,) = [p for p in redis_service["spec"]["ports"] if p["port"] == (url.port or 6379)]
+        redis_pods = [d for d in docs if pod_spec(d) and _selects(redis_service["spec"]["selector"], pod_labels(d))]
+        assert any(_container_port(rc, svc_port["targetPort"]) == 6379 for d in redis_pods for rc in _containers(d))
+        # Identity in the leader lease: the pod name.
+        assert env["TTA_REPLICA_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+        # The model configuration: mounted from the ConfigMap, valid, with this Deployment's role.
+        config_path = PurePosixPath(env["TTA_CONFIG"]["value"])
+        mount = next(m for m in c["volumeMounts"] if config_path.parent == PurePosixPath(m["mountPath"]))
+        volume = next(v for v in pod_spec(workload)["volumes"] if v["name"] == mount["name"])
+        configmap = objects[("ConfigMap", volume["configMap"]["name"])]
+        local = tmp_path / where / config_path.name
+        local.parent.mkdir()
+        local.write_text(configmap["data"][config_path.name])
+        settings = load_settings(local)
+        role = pod_labels(workload)["app.kubernetes.io/component"]
+        assert settings.models and {m.role for m in settings.models} == {role}
+        # Runs as the image's non-root user; writable /tmp on a read-only root.
+        pod_security = pod_spec(workload)["securityContext"]
+        assert pod_security["runAsNonRoot"] is True and pod_security["runAsUser"] == image_uid()
+        assert c["securityContext"]["readOnlyRootFilesystem"] is True
+        assert any(m["mountPath"] == "/tmp" for m in c["volumeMounts"])
+        # Resources, threads and the device.
+        resources = c["resources"]
+        assert {"cpu", "memory"} <= set(resources["requests"]) and "memory" in resources["limits"]
+        assert int(env["TTA_THREADS"]["value"]) <= float(resources["requests"]["cpu"])
+        device = env["TTA_DEVICE"]["value"]
+        if build.name == "cpu":
+            assert device == "cpu" and "nvidia.com/gpu" not in resources["limits"]
+            assert _image_tag(c["image"]).endswith("-cpu")
+            assert "tolerations" not in pod_spec(workload)
+        else:
+            assert resources["limits"]["nvidia.com/gpu"] == 1 and device.startswith("cuda")
+            assert _image_tag(c["image"]).endswith("-gpu")
+
+
+def test_leader_and_follower_differ_only_in_role() -> None:
+    docs = render_kustomization(K8S)
+    leader = next(d for d in docs if d["metadata"]["name"] == "tta-serve-leader")
+    follower = next(d for d in docs if d["metadata"]["name"] == "tta-serve-follower")
+    assert leader["spec"]["replicas"] == 1 and leader["spec"]["strategy"]["type"] == "Recreate"
+    assert "replicas" not in follower["spec"]
+    hpas = [d for d in docs if d["kind"] == "HorizontalPodAutoscaler"]
+    assert [h["spec"]["scaleTargetRef"]["name"] for h in hpas] == ["tta-serve-follower"]
+
+    def normalised(doc: dict[str, Any]) -> dict[str, Any]:
+        template = copy.deepcopy(doc["spec"]["template"])
+        template["metadata"]["labels"].pop("app.kubernetes.io/component")
+        for c in template["spec"]["containers"]:
+            c["env"] = [e for e in c["env"] if e["name"] != "TTA_CONFIG"]
+        return template
+
+    assert normalised(leader) == normalised(follower)
+    assert pod_labels(leader)["app.kubernetes.io/component"] == "leader"
+    assert pod_labels(follower)["app.kubernetes.io/component"] == "follower"
+
+    def without_role(path: Path) -> list[dict[str, Any]]:
+        models = yaml.safe_load(path.read_text())["models"]
+        return [{k: v for k, v in m.items() if k != "role"} for m in models]
+
+    assert without_role(K8S / "config" / "leader.yaml") == without_role(K8S / "config" / "follower.yaml")
+    # Both sides of the Service: it selects the leader and the followers.
+    service = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "tta-serve")
+    assert _selects(service["spec"]["selector"], pod_labels(leader))
+    assert _selects(service["spec"]["selector"], pod_labels(follower))
+
+
+def test_secret_is_a_marked_placeholder() -> None:
+    text = (K8S / "secret.yaml").read_text()
+    secret = yaml.safe_load(text)
+    assert secret["stringData"]["admin-token"].startswith("REPLACE")
+    assert "PLACEHOLDER" in text  # the comment says so, loudly
+
+
+# ====================================================================== Compose
+def compose_server(compose: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The tta-serve service of a compose file: built from this repository or running the tta-serve image."""
+    services = compose.get("services") or {}
+    found = [(n, s) for n, s in services.items() if n == IMAGE or "build" in s or IMAGE in str(s.get("image", ""))]
+    assert len(found) >= 1, f"no tta-serve service among {list(services)}"
+    return next(((n, s) for n, s in found if n == IMAGE), found[0])
+
+
+def compose_env(service: dict[str, Any]) -> dict[str, str | None]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        pairs = [item.split("=", 1) for item in env]
+        return {p[0]: (p[1] if len(p) > 1 else None) for p in pairs}
+    return {k: (None if v is None else str(v)) for k, v in env.items()}
+
+
+def compose_problems(compose: dict[str, Any], compose_dir: Path) -> list[str]:
+    """What is wrong with the tta-serve service of a compose file, GPU reservation aside."""
+    name, service = compose_server(compose)
+    problems = env_name_problems(set(compose_env(service)), f"compose service {name}")
+    value = compose_env(service).get("TTA_PORT")
+    port = image_port() if value is None or "$" in value else int(value)
+    container_ports = set()
+    for entry in service.get("ports", []):
+        target = entry.get("target") if isinstance(entry, dict) else str(entry).split("/")[0].rsplit(":", 1)[-1]
+        container_ports.add(int(target))
+    if container_ports and port not in container_ports:
+        problems.append(f"{name}: publishes container ports {sorted(container_ports)} but the server listens on {port}")
+    for path in re.findall(r"/v2/[\w/{}]+|/metrics\b", json.dumps(service.get("healthcheck") or {})):
+        if not served(path):
+            problems.append(f"{name}: healthcheck uses {path}, which the server does not serve")
+    build = service.get("build")
+    if build is not None:
+        context = compose_dir / (build if isinstance(build, str) else build.get("context", "."))
+        dockerfile = "Dockerfile" if isinstance(build, str) else build.get("dockerfile", "Dockerfile")
+        if (context / dockerfile).resolve() != DOCKERFILE:
+            problems.append(f"{name}: builds {context / dockerfile}, not the repository's Dockerfile")
+    return problems
+
+
+def compose_gpu_problems(compose: dict[str, Any]) -> list[str]:
+    """The tta-serve service must reserve an NVIDIA GPU (deploy.resources.reservations.devices)."""
+    name, service = compose_server(compose)
+    devices = ((((service.get("deploy") or {}).get("resources") or {}).get("reservations") or {}).get("devices")) or []
+    if service.get("gpus"):
+        return []
+    ok = [d for d in devices if d.get("driver") == "nvidia" and "gpu" in (d.get("capabilities") or [])
+          and ("count" in d or "device_ids" in d)]
+    return [] if ok else [f"{name}: no NVIDIA GPU reservation (deploy.resources.reservations.devices)"]
+
+
+REFERENCE_COMPOSE = """
+services:
+  tta-serve:
+    build: {context: .., dockerfile: Dockerfile}
+    environment: {TTA_PORT: "8000", TTA_REDIS_URL: "redis://redis:6379/0", TTA_CONFIG: /config/models.yaml}
+    ports: ["8000:8000"]
+    healthcheck:
+      test: ["CMD", "python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/v2/health/live')"]
+    deploy:
+      resources:
+        reservations:
+          devices: [{driver: nvidia, count: 1, capabilities: [gpu]}]
+"""
+
+
+def test_compose_checker_on_a_reference_service() -> None:
+    good = yaml.safe_load(REFERENCE_COMPOSE)
+    compose_dir = ROOT / "deploy"
+    assert compose_problems(good, compose_dir) == [] and compose_gpu_problems(good) == []
+    bad = copy.deepcopy(good)
+    service = bad["services"]["tta-serve"]
+    service["environment"]["TTA_NOT_A_SETTING"] = "1"
+    service["ports"] = ["8000:8080"]
+    service["healthcheck"]["test"][-1] = service["healthcheck"]["test"][-1].replace("/v2/health/live", "/v2/healthz")
+    service["build"]["context"] = "."
+    del service["deploy"]
+    problems = compose_problems(bad, compose_dir)
+    assert len(problems) == 4, problems
+    assert compose_gpu_problems(bad)
+
+
+def test_compose_file_matches_the_server() -> None:
+    """deploy/docker-compose.yml (written with the monitoring stack) when present; asserts on what exists."""
+    if COMPOSE.exists():
+        assert compose_problems(yaml.safe_load(COMPOSE.read_text()), COMPOSE.parent) == []
+
+
+def test_compose_file_reserves_a_gpu() -> None:
+    """The GPU reservation of deploy/docker-compose.yml's tta-serve service, when the file is present."""
+    if COMPOSE.exists():
+        assert compose_gpu_problems(yaml.safe_load(COMPOSE.read_text())) == []
+
+
+# ====================================================================== every TTA_* name anywhere in the deployment
+def test_every_tta_variable_named_in_the_deployment_is_real() -> None:
+    """Dockerfile, Kubernetes manifests and docs/deploy.md: every TTA_* name in the text; Compose: every
+    service's environment (a ${VAR} that Compose substitutes on the host is not the server's variable)."""
+    problems = []
+    for path in [DOCKERFILE, DEPLOY_DOC, *sorted(K8S.rglob("*.yaml"))]:
+        names = set(re.findall(rf"\b{env_prefix()}[A-Z0-9_]+\b", path.read_text()))
+        problems += env_name_problems(names, str(path.relative_to(ROOT)))
+    if COMPOSE.exists():
+        for name, service in (yaml.safe_load(COMPOSE.read_text()).get("services") or {}).items():
+            problems += env_name_problems(set(compose_env(service)), f"{COMPOSE.relative_to(ROOT)} service {name}")
+    assert problems == []
+
+
+def test_deploy_doc_commands_match_the_files() -> None:
+    doc = DEPLOY_DOC.read_text()
+    for path in re.findall(r"(?:-f|-k)\s+(deploy/[\w./-]+)", doc):
+        target = ROOT / path
+        assert target.exists() or target == COMPOSE, f"docs/deploy.md names {path}, which does not exist"
+    assert "kubectl apply -k deploy/k8s" in doc
+    assert "docker compose -f deploy/docker-compose.yml" in doc
+    assert "--build-arg VARIANT=cpu" in doc
+    for overlay in ("cpu", "prometheus-operator"):
+        assert f"deploy/k8s/overlays/{overlay}" in doc
+    health = set(re.findall(r"/v2/health/\w+", doc))
+    assert {"/v2/health/live", "/v2/health/ready"} <= health and all(served(p) for p in health)
