@@ -594,12 +594,11 @@ def _matches_target(doc: dict[str, Any], target: dict[str, str]) -> bool:
 def _json_patch(doc: dict[str, Any], op: dict[str, Any]) -> None:
     """One RFC 6902 operation (add, remove, replace, test)."""
     parts = [p.replace("~1", "/").replace("~0", "~") for p in op["path"].split("/")[1:]]
-    parent: Any = doc
-    for part in parts[:-1]:
-        parent = parent[int(part)] if isinstance(parent, list) else parent[part]
-    last = parts[-1]
-    kind = op["op"]
+    last, kind = parts[-1], op["op"]
     try:
+        parent: Any = doc
+        for part in parts[:-1]:
+            parent = parent[int(part)] if isinstance(parent, list) else parent[part]
         if isinstance(parent, list):
             index = len(parent) if last == "-" else int(last)
             if kind == "add":
