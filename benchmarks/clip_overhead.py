@@ -1,6 +1,6 @@
 """Cost of CLIP-guided expert selection, and onnxruntime vs PyTorch for a frozen classifier.
 
-    python -m benchmarks.clip_overhead [--threads 2] [--repeats 20] [--json out.json]
+    python -m benchmarks.clip_overhead [--threads 2] [--repeats 20] [--only clip|frozen] [--json out.json]
 
 1. Selection overhead per image: a ViT-B/32-sized CLIP image tower (random weights: speed does not
    depend on the values) exported with the project's own exporter and loaded through the serving
@@ -10,7 +10,7 @@
    ONNX and run by onnxruntime, batch 1 and 32.
 
 Both runtimes are limited to ``--threads`` intra-op threads. Times are medians over ``--repeats``
-runs after warm-up.
+runs after warm-up; PyTorch and onnxruntime are timed in turns, so other jobs' load hits both alike.
 """
 
 from __future__ import annotations
@@ -40,6 +40,20 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 3) -> f
         fn()
         times.append(time.perf_counter() - started)
     return statistics.median(times)
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 3) -> dict[str, float]:
+    """Median seconds of each function, timed in turns so that load from other jobs hits all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            started = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def vit_b32_clip_dir(out: Path) -> Path:
@@ -104,9 +118,12 @@ def frozen_classifier(threads: int, repeats: int, weights: Path) -> list[dict]:
     for batch in (1, 32):
         x = torch.rand(batch, 3, 32, 32)
         with torch.no_grad():
-            torch_s = median_seconds(lambda x=x: model(x), repeats)
-        ort_s = median_seconds(lambda x=x: session.run(None, {"images": x.numpy()}), repeats)
-        wrapped_s = median_seconds(lambda x=x: onnx_module(x), repeats)
+            t = interleaved_medians({
+                "torch": lambda x=x: model(x),
+                "ort": lambda x=x: session.run(None, {"images": x.numpy()}),
+                "wrapped": lambda x=x: onnx_module(x),
+            }, repeats)
+        torch_s, ort_s, wrapped_s = t["torch"], t["ort"], t["wrapped"]
         rows.append({
             "batch": batch,
             "torch_images_per_s": batch / torch_s, "onnxruntime_images_per_s": batch / ort_s,
@@ -121,6 +138,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--only", choices=("clip", "frozen"), default=None, help="run one of the two measurements")
     args = parser.parse_args()
 
     from benchmarks.data import checkpoint_path, shared_dir
@@ -131,8 +149,11 @@ def main() -> None:
     import onnxruntime
 
     machine["onnxruntime"] = onnxruntime.__version__
-    clip_rows = clip_overhead(args.threads, args.repeats, shared_dir() / "data" / "frost" / "frost1.png")
-    frozen_rows = frozen_classifier(args.threads, args.repeats, checkpoint_path("resnet20"))
+    clip_rows, frozen_rows = [], []
+    if args.only in (None, "clip"):
+        clip_rows = clip_overhead(args.threads, args.repeats, shared_dir() / "data" / "frost" / "frost1.png")
+    if args.only in (None, "frozen"):
+        frozen_rows = frozen_classifier(args.threads, args.repeats, checkpoint_path("resnet20"))
     machine["load_after"] = os.getloadavg()[0]
 
     print(f"machine: {machine}")
