@@ -27,13 +27,15 @@ import threading
 import time
 import uuid
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 import adapters
-from service.model_sources import LoadedModel
+from service.health import PredictionWindow, ProbeResult, ProbeSet, SourceAgreement
+from service.model_sources import LoadedModel, ModelLoadError
 from service.settings import ModelConfig
 from service.snapshots import InMemorySnapshotStore, SnapshotInfo, SnapshotStore
 from service.worker import ADAPT, PREDICT, ModelWorker
@@ -86,6 +88,15 @@ class EngineObserver:
     def on_reset(self, model: str, reason: str) -> None: ...
 
     def on_queue_depth(self, model: str, depth: int) -> None: ...
+
+    def on_start(self, model: str, info: dict[str, str], health: Callable[[], dict[str, Any]]) -> None:
+        """The engine is serving. ``info`` holds its static labels (method, mode, role); ``health`` returns
+        its gauges (:meth:`ModelEngine.health`, thread-safe and cheap) for reading at scrape time."""
+
+    def on_stop(self, model: str) -> None: ...
+
+    def on_predictions(self, model: str, entropy: torch.Tensor, confidence: torch.Tensor) -> None:
+        """Per-sample entropy (nats) and confidence of every served prediction of a micro-batch."""
 
 
 @dataclass
@@ -150,6 +161,14 @@ class ModelEngine:
         self._last_reset_reason: str | None = None
         self.replica = replica
         self._replica_task: asyncio.Task | None = None
+        # Health signals (docs/monitoring.md): read by the API and the metrics from one snapshot.
+        self.window = PredictionWindow(config.health_window)
+        self.agreement: SourceAgreement | None = None  # started with the engine
+        self.probe = _probe_set(config)
+        self._probe_result: ProbeResult | None = None
+        self._probe_task: asyncio.Task | None = None
+        self._drift = 0.0
+        self._drift_key: tuple[int, int] | None = None
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -164,9 +183,18 @@ class ModelEngine:
     async def start(self) -> None:
         self._queue = asyncio.Queue()
         self._batcher = asyncio.create_task(self._batch_loop(), name=f"batcher-{self.name}")
+        if self.config.agreement_fraction > 0 and self.adapter.uses_batch_statistics:
+            # Exports the source model to ONNX on its own thread: start-up does not wait for it.
+            self.agreement = SourceAgreement(self.source.model, self.config.input_size,
+                                             fraction=self.config.agreement_fraction, window=self.config.health_window)
+        if self.probe is not None and self.config.probe_every_s > 0:
+            self._probe_task = asyncio.create_task(self._probe_loop(), name=f"probe-{self.name}")
         if self.replica is not None:
             await self._resume()
             self._replica_task = asyncio.create_task(self.replica.run(self), name=f"replica-{self.name}")
+        role = self.replica.role if self.replica is not None else "standalone"
+        self.observer.on_start(self.name, {"method": self.adapter.name, "mode": self.config.mode, "role": role},
+                               self.health)
 
     async def _resume(self) -> None:
         """A restarted replica resumes: a named snapshot if configured, else the newest published state."""
@@ -187,11 +215,14 @@ class ModelEngine:
         return None if self.replica is None else self.replica.status()
 
     async def stop(self) -> None:
-        for task in (self._replica_task, self._batcher):
+        self.observer.on_stop(self.name)
+        for task in (self._probe_task, self._replica_task, self._batcher):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if self.agreement is not None:
+            self.agreement.stop()
         await asyncio.get_running_loop().run_in_executor(None, self._worker.stop)
 
     @property
@@ -284,6 +315,7 @@ class ModelEngine:
         reliable: torch.Tensor | None = None
         selected: torch.Tensor | None = None
         version = self.adapter.stats.parameter_version  # the weights that produce these answers
+        fallbacks = self.counters.frozen_fallbacks
         if not self.adapter.uses_batch_statistics:
             logits = self.source.predict(x)
         elif cfg.mode == "sync" and self.adapts and n >= cfg.min_adapt_batch:
@@ -299,6 +331,11 @@ class ModelEngine:
         if reliable is None and self.adapter.e0 is not None:
             reliable = entropy < self.adapter.e0
         confidence, label = probs.max(1)
+        self.window.add(label, confidence)
+        self.observer.on_predictions(self.name, entropy, confidence)
+        if self.agreement is not None and self.counters.frozen_fallbacks == fallbacks:  # the adapted model answered
+            self.agreement.offer(x, label)
+        self._refresh_drift()
         predictions = []
         for i in range(n):
             request_id = uuid.uuid4().hex
@@ -337,6 +374,7 @@ class ModelEngine:
         result = self.adapter.step(x)
         if self.replica is not None and self.replica.is_leader and (result.updated or result.reset_reason):
             self.replica.publish(self)
+        self._refresh_drift()
         self.observer.on_step(self.name, result, time.perf_counter() - started)
         if result.reset_reason is not None:
             self._last_reset_reason = result.reset_reason
@@ -398,13 +436,15 @@ class ModelEngine:
 
     def online_calibration(self) -> dict[str, Any]:
         """Rolling accuracy and ECE (percent) over the labelled window."""
-        if not self._labelled:
+        with self._memory_lock:  # feedback appends on the event loop; _info and scrapes read elsewhere
+            labelled = list(self._labelled)
+        if not labelled:
             return {"labelled": 0, "accuracy": None, "ece": None}
         acc = adapters.CalibrationAccumulator()
-        conf = torch.tensor([c for c, _ in self._labelled])
-        hit = torch.tensor([h for _, h in self._labelled])
+        conf = torch.tensor([c for c, _ in labelled])
+        hit = torch.tensor([h for _, h in labelled])
         acc.add(conf, hit)
-        return {"labelled": len(self._labelled), "accuracy": acc.accuracy(), "ece": acc.ece()}
+        return {"labelled": len(labelled), "accuracy": acc.accuracy(), "ece": acc.ece()}
 
     async def save_snapshot(self, name: str) -> SnapshotInfo:
         state = await self.run_on_worker(self.adapter.state_dict)
@@ -424,8 +464,91 @@ class ModelEngine:
     async def adaptation_info(self) -> dict[str, Any]:
         return await self.run_on_worker(self._info)
 
+    # ------------------------------------------------------------------ health: collapse, forgetting, calibration
+    def _refresh_drift(self, force: bool = False) -> None:
+        """Recompute the parameter drift when the weights changed (worker thread); scrapes read the float."""
+        key = (id(self.adapter.stats), self.adapter.stats.parameter_version)
+        if force or key != self._drift_key:
+            self._drift = self.adapter.parameter_drift()
+            self._drift_key = key
+
+    async def evaluate_probe(self) -> dict[str, Any] | None:
+        """Evaluate the probe set now: the adapted weights (no update) and, once, the source model.
+
+        Each batch is its own low-priority job on the worker, so requests are served in between; the
+        weights may move during an evaluation, which the accuracy then averages over.
+        """
+        probe = self.probe
+        if probe is None:
+            return None
+
+        async def correct(model: adapters.Adapter, x: torch.Tensor, y: torch.Tensor) -> int:
+            return await asyncio.wrap_future(self._worker.submit(lambda: probe.correct(model.predict(x), y), ADAPT))
+
+        chunks = probe.chunks(self.config.max_batch_size)
+        n = probe.labels.shape[0]
+        if probe.source_accuracy is None:
+            probe.source_accuracy = sum([await correct(self.source, x, y) for x, y in chunks]) / n
+        adapted = sum([await correct(self.adapter, x, y) for x, y in chunks]) / n
+        self._probe_result = ProbeResult(adapted, probe.source_accuracy, n, time.time())
+        return self._probe_summary()
+
+    async def _probe_loop(self) -> None:
+        while True:
+            try:
+                await self.evaluate_probe()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a monitoring fault never stops serving
+                log.exception("model %s: probe evaluation failed", self.name)
+            await asyncio.sleep(self.config.probe_every_s)
+
+    def _probe_summary(self) -> dict[str, Any]:
+        r = self._probe_result
+        if r is None:
+            return {"probe_accuracy_ratio": None, "probe_forgetting_ratio": None, "probe_samples": None,
+                    "probe_last_evaluation_timestamp_seconds": None}
+        return {
+            "probe_accuracy_ratio": {"adapted": r.adapted, "source": r.source},
+            "probe_forgetting_ratio": r.adapted - r.source,  # negative: the adapted model lost accuracy
+            "probe_samples": r.samples,
+            "probe_last_evaluation_timestamp_seconds": r.evaluated_at,
+        }
+
+    def health(self) -> dict[str, Any]:
+        """Every health number under its metric's name without ``tta_`` and in its unit (ratios, nats).
+
+        Thread-safe and cheap (no model work): the Prometheus collector calls it at each scrape and
+        ``_info`` returns it, so the API and the dashboards show the same numbers. None: not measured.
+        """
+        stats = self.adapter.stats
+        calibration = self.online_calibration()
+        accuracy, ece = calibration["accuracy"], calibration["ece"]
+        if self.agreement is not None:
+            agreement = self.agreement.summary()
+        else:
+            agreement = {"source_agreement_up": None, "source_agreement_error": None, "source_agreement_ratio": None,
+                         "source_agreement_window_samples": 0, "source_agreement_checked_samples_total": 0,
+                         "source_agreement_dropped_batches_total": 0}
+        return {
+            "model_classes": len(self.classes),
+            "entropy_ema_nats": stats.entropy_ema,
+            "entropy_margin_nats": self.adapter.e0,
+            **self.window.summary(),
+            "parameter_drift_ratio": self._drift,
+            "parameter_version": stats.parameter_version,
+            **agreement,
+            **self._probe_summary(),
+            "feedback_accuracy_ratio": None if accuracy is None else accuracy / 100,
+            "feedback_ece_ratio": None if ece is None else ece / 100,
+            "feedback_window_samples": calibration["labelled"],
+            "state_store_up": None if self.replica is None else self.replica.store_up,
+            "replica_leader": None if self.replica is None else self.replica.is_leader,
+        }
+
     def _info(self) -> dict[str, Any]:
         stats = self.adapter.stats
+        self._refresh_drift(force=True)
         description = self.adapter.describe()
         return {
             "model": self.name,
@@ -440,7 +563,7 @@ class ModelEngine:
             "samples_selected": stats.samples_selected,
             "entropy_ema": stats.entropy_ema,
             "parameter_version": stats.parameter_version,
-            "parameter_drift": self.adapter.parameter_drift(),
+            "parameter_drift": self._drift,
             "resets": dict(stats.resets),
             "last_reset_reason": self._last_reset_reason,
             "images_served": self.counters.images_served,
@@ -452,7 +575,24 @@ class ModelEngine:
             "online": self.online_calibration(),
             "fisher": description.get("fisher", False),
             "replication": self.store_status(),
+            "health": self.health(),
         }
+
+
+def _probe_set(config: ModelConfig) -> ProbeSet | None:
+    """The configured probe set; the built-in digits model uses its held-out split by default."""
+    try:
+        if config.probe_data is not None:
+            return ProbeSet.from_npz(config.probe_data, config.probe_size, config.input_size)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"model {config.name!r}: probe_data: {exc}") from exc
+    if config.architecture == "digits" and tuple(config.input_size) == (32, 32):
+        from adapters.models.digits import digits_split
+        from benchmarks.data import to_tensor
+
+        _, (x, y) = digits_split()
+        return ProbeSet(to_tensor(x[: config.probe_size]), torch.from_numpy(y[: config.probe_size]))
+    return None
 
 
 class UnknownModel(KeyError):

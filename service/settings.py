@@ -55,6 +55,20 @@ class ModelConfig(BaseModel):
     adapt_queue_size: int = Field(8, ge=1, description="async mode: pending adaptation batches before dropping")
     max_images_per_request: int = Field(64, ge=1)
     collapse_guard: bool = Field(True, description="reset on collapse signals (library default is off)")
+    health_window: int = Field(
+        1000, ge=10, description="recent predictions behind the predicted-class entropy, mean confidence and "
+        "source-agreement gauges (docs/monitoring.md)"
+    )
+    agreement_fraction: float = Field(
+        0.1, ge=0, le=1, description="share of served batches re-run through the frozen source model "
+        "(onnxruntime) to measure agreement; 0 turns it off"
+    )
+    probe_data: Path | None = Field(
+        None, description="npz of labelled clean images (x uint8 NxHxWx3, y) to measure forgetting; "
+        "the built-in digits model uses its held-out split"
+    )
+    probe_size: int = Field(500, ge=1, description="probe images used from probe_data")
+    probe_every_s: float = Field(300.0, ge=0, description="seconds between probe evaluations; 0: on demand only")
     role: Literal["independent", "leader", "follower"] = Field(
         "independent",
         description="with TTA_REDIS_URL: 'leader' adapts and publishes, 'follower' serves the leader's "
@@ -161,7 +175,7 @@ def _relative_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     """Model file paths in a config file are relative to that file."""
     for model in data.get("models", []) or []:
         if isinstance(model, dict):
-            for key in ("torchscript", "weights", "fisher", "fisher_data"):
+            for key in ("torchscript", "weights", "fisher", "fisher_data", "probe_data"):
                 if isinstance(model.get(key), str) and not Path(model[key]).is_absolute():
                     model[key] = str(base / model[key])
     return data
