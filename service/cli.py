@@ -42,6 +42,7 @@ def serve(
     from service.app import build_registry, create_app
     from service.metrics import ServiceMetrics
     from service.model_sources import ModelLoadError
+    from service.routes_detect import routing_for_app
     from service.settings import ConfigError, load_settings
 
     models = None
@@ -62,9 +63,13 @@ def serve(
         registry = build_registry(settings, metrics)
     except (ConfigError, ModelLoadError) as exc:
         _fail(str(exc))
-    uvicorn.run(
-        create_app(settings, registry, metrics), host=settings.host, port=settings.port, log_level=log_level
-    )
+    try:  # CLIP towers, detectors and route tables: a broken one stops start-up here, with exit 2
+        routing = routing_for_app(settings, registry, metrics)
+    except Exception as exc:
+        _fail(f"routing: {exc}")
+    app_ = create_app(settings, registry, metrics)
+    app_.state.routing = routing
+    uvicorn.run(app_, host=settings.host, port=settings.port, log_level=log_level)
 
 
 @app.command("demo")
