@@ -33,6 +33,7 @@ from service.v2_client import binary_request, parse_response
 
 MODES = {
     "off": {"method": "source"},
+    "off-onnx": {"method": "source", "runtime": "onnx"},
     "sync": {"method": "eata", "mode": "sync"},
     "async": {"method": "eata", "mode": "async"},
 }
@@ -114,7 +115,7 @@ def main() -> None:
     parser.add_argument("--weights", type=Path, default=checkpoint_path("resnet20"))
     parser.add_argument("--fisher-data", type=Path, default=cifar10_test_path())
     parser.add_argument("--clients", default="1,8,32")
-    parser.add_argument("--modes", default="off,sync,async")
+    parser.add_argument("--modes", default="off,off-onnx,sync,async", help=f"any of {', '.join(MODES)}")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
     parser.add_argument("--threads", type=int, default=2, help="torch threads, server and plain forward")
     parser.add_argument("--max-batch", type=int, default=64)
