@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,26 +19,16 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from servers import free_port, serve_command, wait_ready
 
 from adapters.models.digits import digits_split
 
 TOKEN = "e2e-secret"
-STARTUP_TIMEOUT_S = 180.0  # a cold cache trains the digits model first (~10-20 s on a busy machine)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One digits-model cache per test session (shared with test_api), or the caller's TTA_CACHE_DIR."""
     return Path(os.environ.get("TTA_CACHE_DIR") or tmp_path_factory.getbasetemp() / "tta-cache")
-
-
-def _serve_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "service.cli", "serve", *args]
 
 
 @pytest.fixture(scope="module")
@@ -53,18 +40,18 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "  - {name: digits, architecture: digits, method: eata, max_delay_ms: 5}\n"
         "  - {name: digits-frozen, architecture: digits, method: source, max_delay_ms: 5}\n"
     )
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "TTA_CACHE_DIR": str(_cache_dir(tmp_path_factory)), "TTA_ADMIN_TOKEN": TOKEN,
            "TTA_THREADS": "1"}
     log = config.parent / "server.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            _serve_command("--config", str(config), "--port", str(port), "--log-level", "warning"),
+            serve_command("--config", str(config), "--port", str(port), "--log-level", "warning"),
             stdout=out, stderr=subprocess.STDOUT, env=env,
         )
         base = f"http://127.0.0.1:{port}"
         try:
-            _wait_ready(base, proc, log)
+            wait_ready(base, proc, log)
             yield base
         finally:
             proc.terminate()
@@ -73,20 +60,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-
-
-def _wait_ready(base: str, proc: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(f"{base}/v2/health/ready", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.25)
-    pytest.fail(f"server not ready after {STARTUP_TIMEOUT_S} s:\n{log.read_text()}")
 
 
 @pytest.fixture(scope="module")
@@ -230,10 +203,10 @@ def test_cli_exits_2_with_a_message_for_bad_configuration(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("models:\n  - {name: m, architecture: resnet20, method: nope}\n")
     env = {**os.environ, "TTA_CACHE_DIR": str(tmp_path)}
-    run = subprocess.run(_serve_command("--config", str(bad)), capture_output=True, text=True, env=env, timeout=120)
+    run = subprocess.run(serve_command("--config", str(bad)), capture_output=True, text=True, env=env, timeout=120)
     assert run.returncode == 2 and "models.0" in run.stderr
     missing = subprocess.run(
-        _serve_command("--architecture", "resnet20", "--weights", str(tmp_path / "missing.th")),
+        serve_command("--architecture", "resnet20", "--weights", str(tmp_path / "missing.th")),
         capture_output=True, text=True, env=env, timeout=120,
     )
     assert missing.returncode == 2 and "resnet20" in missing.stderr
