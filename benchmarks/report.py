@@ -80,7 +80,10 @@ def wide_table(result: BenchResult) -> str:
     """Error % per corruption (columns) for every method (rows), with the mean."""
     names = result.config["corruptions"]
     header = ["method", *(SHORT_NAMES.get(n, n) for n in names), "mean"]
-    rows = [[r.method, *(f"{r.errors[n]:.1f}" for n in names), f"{r.mean_error:.1f}"] for r in result.runs]
+    rows = [
+        [r.method, *(f"{r.errors[n]:.1f}" if n in r.errors else "-" for n in names), f"{r.mean_error:.1f}"]
+        for r in result.runs
+    ]
     return _table(header, rows)
 
 
@@ -162,7 +165,7 @@ def plot_errors(result: BenchResult, path: Path) -> None:
     for run in result.runs:
         ax.plot(
             range(len(names)),
-            [run.errors[n] for n in names],
+            [run.errors.get(n, float("nan")) for n in names],  # a merged/partial run may lack some
             marker="o",
             linewidth=1.5,
             label=f"{run.method} (mean {run.mean_error:.1f}, ECE {run.ece:.1f})",
