@@ -77,9 +77,13 @@ class EataC(Eata):
             return self.model(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Full-network logits; the sub-network's logits on the same batch are kept for loss/calibration."""
+        """Full-network logits; the sub-network's logits on the same batch are kept for loss/calibration.
+
+        Without gradient and with ``confidence='full'`` nothing needs them, so no sub-network runs.
+        """
         logits = self.model(x)
-        self._sub_logits = self.sub_forward(x)
+        needed = torch.is_grad_enabled() or self.options.confidence == "subnetwork"
+        self._sub_logits = self.sub_forward(x) if needed else None
         return logits
 
     def calibrate(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
