@@ -53,7 +53,8 @@ def build_registry(settings: Settings, observer: EngineObserver | None = None) -
     device = resolve_device(settings.device)
     connection = RedisConnection(settings.redis_url) if settings.redis_url else None
     if connection is not None and not connection.check():
-        log.error("redis at %s is down at start-up: serving from local state until it returns", settings.redis_url)
+        log.error("redis at %s is down at start-up: serving from local state until it returns",
+                  connection.display_url)
     engines = []
     for config in settings.resolved_models():
         loaded = load_model(config, device)

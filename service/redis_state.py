@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 import torch
@@ -33,11 +34,23 @@ class StoreUnavailable(RuntimeError):
     """Redis cannot be reached right now."""
 
 
+def redacted(url: str) -> str:
+    """The URL without its password, for logs, errors and readiness reasons."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 class RedisConnection:
     """A redis-py client that tracks whether Redis is up and backs off between reconnect attempts."""
 
     def __init__(self, url: str, *, timeout: float = 0.5, max_backoff: float = 10.0) -> None:
         self.url = url
+        self.display_url = redacted(url)
         self.client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
         self.up = False
         self.last_error: str | None = None
@@ -63,22 +76,28 @@ class RedisConnection:
         """Run one Redis command; on failure mark Redis down and raise :class:`StoreUnavailable`."""
         with self._lock:
             if not self.up and time.monotonic() < self._retry_at:
-                raise StoreUnavailable(f"redis at {self.url} is down: {self.last_error}")
+                raise StoreUnavailable(f"redis at {self.display_url} is down: {self.last_error}")
         try:
             result = fn(*args, **kwargs)
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
             self._mark_down(exc)
-            raise StoreUnavailable(f"redis at {self.url} is down: {exc}") from exc
+            raise StoreUnavailable(f"redis at {self.display_url} is down: {self._scrub(exc)}") from exc
         if not self.up:
             self._mark_up()
         return result
 
+    def _scrub(self, exc: Exception) -> str:
+        """The error text with the URL's password (if any) masked."""
+        text = str(exc)
+        password = urlsplit(self.url).password
+        return text.replace(password, "***") if password else text
+
     def _mark_down(self, exc: Exception) -> None:
         with self._lock:
             if self.up or self.last_error is None:
-                log.error("redis at %s is down: %s", self.url, exc)
+                log.error("redis at %s is down: %s", self.display_url, self._scrub(exc))
             self.up = False
-            self.last_error = str(exc)
+            self.last_error = self._scrub(exc)
             self._retry_at = time.monotonic() + self._backoff
             self._backoff = min(self._backoff * 2, self._max_backoff)
 
@@ -88,7 +107,7 @@ class RedisConnection:
             self.up = True
             self._backoff = 0.1
         if was_known_down:
-            log.warning("redis at %s is back; re-synchronising", self.url)
+            log.warning("redis at %s is back; re-synchronising", self.display_url)
         self.last_error = None
         for callback in self._on_reconnect:
             with contextlib.suppress(StoreUnavailable, redis.RedisError, OSError):
