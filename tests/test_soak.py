@@ -57,7 +57,7 @@ def test_no_accepted_request_was_lost_failed_or_answered_twice(report):
     assert good["duplicates"] == 0 and good["misdelivered"] == 0
     assert good["cut_off_outside_kills"] == 0
     assert good["attempts"].get("refused", 0) > 0, "the kill should have refused some connections"
-    assert good["accuracy"] > 80  # drifting digits; the frozen model alone does worse on the noise segments
+    assert good["accuracy"] > 80  # a sanity floor: answers are real predictions (about 90% expected here)
 
 
 def test_every_bad_request_got_a_4xx_with_an_error_body(report):
