@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from fastapi import FastAPI, Request, Response
 from fastapi.openapi.utils import get_openapi
+from fastapi.responses import PlainTextResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import routes_detect, routes_v1, routes_v2, routes_ws
@@ -173,7 +174,7 @@ def create_app(
     app.include_router(routes_v1.router)
     app.include_router(routes_ws.router)
 
-    @app.get("/metrics", summary="Prometheus metrics", tags=["operations"])
+    @app.get("/metrics", summary="Prometheus metrics", tags=["operations"], response_class=PlainTextResponse)
     async def prometheus_metrics(request: Request) -> Response:
         m: ServiceMetrics = request.app.state.metrics
         return Response(m.render(), media_type=m.content_type)

@@ -224,11 +224,16 @@ class RedisSnapshotStore:
         return sorted(infos, key=lambda i: i.created)
 
 
-# Publish only a version newer than the current one: a deposed leader can never roll replicas back.
+# Publish only a version newer than the current one and than the publisher's own last version: a
+# deposed leader can never roll replicas back, and after Redis lost its data (counter back at 0) the
+# versions continue above what followers already hold instead of restarting at 1.
 _PUBLISH = """
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+local floor = tonumber(ARGV[3] or '0')
 local version = redis.call('INCR', KEYS[3])
-if version <= current then version = current + 1; redis.call('SET', KEYS[3], version) end
+if version <= current then version = current + 1 end
+if version <= floor then version = floor + 1 end
+redis.call('SET', KEYS[3], version)
 redis.call('SET', KEYS[2] .. ':' .. version, ARGV[1], 'PX', ARGV[2])
 redis.call('SET', KEYS[1], version)
 redis.call('PUBLISH', KEYS[4], version)
@@ -249,10 +254,11 @@ class ParameterChannel:
         self.keep_ms = keep_ms
         self._publish = connection.client.register_script(_PUBLISH)
 
-    def publish(self, state: dict[str, Any]) -> int:
+    def publish(self, state: dict[str, Any], at_least: int = 0) -> int:
+        """Store ``state`` under a new version greater than ``at_least``; announce it; return it."""
         payload = state_to_bytes(state)
         keys = [self.version_key, self.blob_prefix, self.counter_key, self.channel]
-        return int(self.connection.call(self._publish, keys=keys, args=[payload, self.keep_ms]))
+        return int(self.connection.call(self._publish, keys=keys, args=[payload, self.keep_ms, at_least]))
 
     def latest_version(self) -> int:
         raw = self.connection.call(self.connection.client.get, self.version_key)

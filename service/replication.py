@@ -98,7 +98,7 @@ class Replica:
             "optimizer": adapter.optimizer.state_dict() if adapter.optimizer else None,
         }
         try:
-            version = self.channel.publish(state)
+            version = self.channel.publish(state, at_least=self.loaded_version)
         except StoreUnavailable:
             self._needs_publish = True
             return

@@ -182,3 +182,13 @@ def test_two_server_processes_adapt_as_one_and_the_follower_takes_over(tmp_path,
         infer(fc, model, x[:64])
         taken = fc.get(f"/v1/models/{model}/adaptation").json()
         assert taken["steps"] == 1 and taken["parameter_version"] > leader_info["parameter_version"]
+
+
+def test_versions_continue_above_what_replicas_hold_after_redis_loses_its_data():
+    connection = RedisConnection(REDIS)
+    channel = ParameterChannel(connection, unique())
+    assert channel.publish({"params": {}}) == 1
+    for key in (channel.version_key, channel.counter_key):  # as after a Redis restart without persistence
+        connection.client.delete(key)
+    assert channel.publish({"params": {}}, at_least=72) == 73  # not 1: followers holding 72 must move on
+    assert channel.publish({"params": {}}) == 74 and channel.latest_version() == 74
