@@ -45,6 +45,7 @@ from rich.console import Console
 from rich.table import Table
 
 from loadtest.processes import RedisServer, Replica, write_config
+from service.v2_client import parse_response
 
 DEFAULT_SEGMENTS = ("clean", "impulse_noise", "snow", "brightness", "frost", "contrast", "fog")
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -114,19 +115,6 @@ def encode(images: np.ndarray, request_id: str | None = None) -> tuple[bytes, di
         header["id"] = request_id
     head = json.dumps(header, separators=(",", ":")).encode()
     return head + raw, {HEADER_LENGTH: str(len(head)), "Content-Type": "application/octet-stream"}
-
-
-def decode(response: httpx.Response) -> tuple[np.ndarray, dict[str, Any]]:
-    """Probabilities and JSON header of a 200 binary (or JSON) v2 answer."""
-    content = response.content
-    json_len = int(response.headers.get(HEADER_LENGTH, len(content)))
-    meta = json.loads(content[:json_len])
-    out = meta["outputs"][0]
-    if json_len < len(content):
-        probs = np.frombuffer(content[json_len:], dtype=np.float32)
-    else:
-        probs = np.asarray(out["data"], dtype=np.float32)
-    return probs.reshape(out["shape"]), meta
 
 
 # ------------------------------------------------------------------------------------ servers
@@ -254,7 +242,7 @@ async def send(target: Target, model: str, stream: DriftStream, k: int, fired: f
     if response.status_code != 200:
         outcome.error = f"http {response.status_code}"
         return outcome
-    probs, _ = decode(response)
+    probs, _ = parse_response(response)
     outcome.latency_ms = (time.perf_counter() - fired) * 1000
     outcome.correct = int((probs.argmax(1) == labels).sum())
     return outcome

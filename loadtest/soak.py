@@ -44,8 +44,9 @@ import numpy as np
 from rich.console import Console
 
 from adapters.models.digits import load_digits_model
-from loadtest.drift_load import DEFAULT_SEGMENTS, HEADER_LENGTH, DriftStream, build_stream, decode, encode, percentiles
+from loadtest.drift_load import DEFAULT_SEGMENTS, HEADER_LENGTH, DriftStream, build_stream, encode, percentiles
 from loadtest.processes import RedisServer, Replica, write_config
+from service.v2_client import parse_response
 
 MODEL = "digits"
 MAX_BODY_BYTES = 256 * 1024  # small, so an oversized request is cheap to send
@@ -186,7 +187,7 @@ class Traffic:
             pause = min(pause * 2, 1.0)
 
     def _answer(self, req: GoodRequest, response: httpx.Response, labels: np.ndarray) -> None:
-        probs, meta = decode(response)
+        probs, meta = parse_response(response)
         if meta.get("id") != req.id or probs.shape[0] != req.images:
             self.phase.misdelivered += 1
             return

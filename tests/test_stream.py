@@ -12,9 +12,7 @@ import io
 import json
 import logging
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +26,7 @@ import pytest
 import redis
 import torch
 from PIL import Image
+from servers import RedisProcess
 from typer.testing import CliRunner
 
 from adapters.models.digits import digits_split
@@ -224,45 +223,10 @@ def test_redelivery_before_writing_answers_once(r, streams, loaded, digits):
 
 
 # ------------------------------------------------------------------------------------ Redis faults
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RedisServer:
-    """A private redis-server without persistence: a restart loses every key, as a crash would."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.fail("redis-server is not installed (.ci/run installs it)")
-        self.proc = subprocess.Popen([binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                redis.Redis(port=self.port).ping()
-                return
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        pytest.fail(f"redis-server did not start on port {self.port}")
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
-
-
 @pytest.fixture()
-def own_redis() -> Iterator[RedisServer]:
-    server = RedisServer()
+def own_redis() -> Iterator[RedisProcess]:
+    """A private redis-server without persistence: a restart loses every key, as a crash would."""
+    server = RedisProcess()
     server.start()
     yield server
     server.kill()
