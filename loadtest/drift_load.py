@@ -45,7 +45,7 @@ from rich.console import Console
 from rich.table import Table
 
 from loadtest.processes import RedisServer, Replica, write_config
-from service.v2_client import parse_response
+from service.v2_client import binary_request, parse_response
 
 DEFAULT_SEGMENTS = ("clean", "impulse_noise", "snow", "brightness", "frost", "contrast", "fog")
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -105,16 +105,7 @@ def build_stream(model: str, segments: tuple[str, ...], severity: int, images_pe
 
 def encode(images: np.ndarray, request_id: str | None = None) -> tuple[bytes, dict[str, str]]:
     """A binary v2 infer request (UINT8 NHWC in, FP32 probabilities back as binary), with ``id`` set."""
-    raw = np.ascontiguousarray(images, dtype=np.uint8).tobytes()
-    header: dict[str, Any] = {
-        "inputs": [{"name": "images", "shape": list(images.shape), "datatype": "UINT8",
-                    "parameters": {"binary_data_size": len(raw)}}],
-        "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
-    }
-    if request_id is not None:
-        header["id"] = request_id
-    head = json.dumps(header, separators=(",", ":")).encode()
-    return head + raw, {HEADER_LENGTH: str(len(head)), "Content-Type": "application/octet-stream"}
+    return binary_request(np.ascontiguousarray(images, dtype=np.uint8), request_id=request_id)
 
 
 # ------------------------------------------------------------------------------------ servers

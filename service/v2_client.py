@@ -15,14 +15,19 @@ import numpy as np
 DATATYPES = {np.dtype(np.float32): "FP32", np.dtype(np.uint8): "UINT8"}
 
 
-def binary_request(images: np.ndarray, output_binary: bool = True) -> tuple[bytes, dict[str, str]]:
-    """Body and headers of a binary v2 infer request for one input tensor."""
+def binary_request(
+    images: np.ndarray, output_binary: bool = True, request_id: str | None = None
+) -> tuple[bytes, dict[str, str]]:
+    """Body and headers of a binary v2 infer request for one input tensor (``id`` set when given)."""
     raw = np.ascontiguousarray(images).tobytes()
-    header = json.dumps({
+    fields: dict = {
         "inputs": [{"name": "images", "shape": list(images.shape), "datatype": DATATYPES[images.dtype],
                     "parameters": {"binary_data_size": len(raw)}}],
         "outputs": [{"name": "probabilities", "parameters": {"binary_data": output_binary}}],
-    }).encode()
+    }
+    if request_id is not None:
+        fields["id"] = request_id
+    header = json.dumps(fields, separators=(",", ":")).encode()
     headers = {"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"}
     return header + raw, headers
 
