@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
@@ -42,10 +43,19 @@ def _version() -> str:
         return "0.0.0"
 
 
+def default_threads() -> int:
+    """Intra-op threads when none are configured: every usable core but one, kept for the event loop.
+
+    The loop parses requests while the model runs; a model thread competing with it for a core slows
+    both (each parallel op waits for its slowest thread).
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores - 1)
+
+
 def configure_torch(settings: Settings) -> None:
     """Apply process-wide torch settings (intra-op threads) before any model runs."""
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
+    torch.set_num_threads(settings.threads or default_threads())
 
 
 def build_registry(settings: Settings, observer: EngineObserver | None = None) -> EngineRegistry:
@@ -62,7 +72,7 @@ def build_registry(settings: Settings, observer: EngineObserver | None = None) -
         if config.runtime == "onnx":  # the frozen fast path
             from service.onnx_classifier import to_onnx_runtime
 
-            loaded = to_onnx_runtime(config, loaded, settings.threads)
+            loaded = to_onnx_runtime(config, loaded, settings.threads or default_threads())
         shared: dict[str, Any] = {}
         if connection is not None:
             shared = {

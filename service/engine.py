@@ -23,17 +23,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import threading
 import time
-import uuid
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 import adapters
+from service.frozen_graph import freeze_for_inference
 from service.health import PredictionWindow, ProbeResult, ProbeSet, SourceAgreement
 from service.model_sources import LoadedModel, ModelLoadError
 from service.settings import ModelConfig
@@ -99,6 +101,21 @@ class EngineObserver:
         """Per-sample entropy (nats) and confidence of every served prediction of a micro-batch."""
 
 
+def _all_finite(images: torch.Tensor) -> bool:
+    """``isfinite().all()``; through numpy on CPU, a fraction of torch's per-call cost on a one-image request."""
+    if not images.is_floating_point():
+        return True
+    if images.device.type == "cpu" and images.dtype in (torch.float32, torch.float64):
+        return bool(np.isfinite(images.detach().numpy()).all())
+    return bool(torch.isfinite(images).all())
+
+
+def _request_ids(n: int) -> list[str]:
+    """``n`` random 128-bit ids as hex (uuid4's randomness, one system call per batch instead of per id)."""
+    raw = os.urandom(16 * n).hex()
+    return [raw[i : i + 32] for i in range(0, 32 * n, 32)]
+
+
 @dataclass
 class _Pending:
     images: torch.Tensor
@@ -146,6 +163,13 @@ class ModelEngine:
             **config.effective_options(),
         )
         self.source = adapters.create("source", loaded.module)
+        self._source_module = self.source.model  # eager: exported to ONNX for the agreement check
+        if config.trace_source and config.runtime == "torch":  # an onnxruntime model is a graph already
+            graph = freeze_for_inference(self.source.model, config.input_size, config.channels_last, config.name)
+            if graph is not None:
+                self.source.model = graph
+                if not self.adapter.uses_batch_statistics:  # method source: the graph answers every request
+                    self.adapter.model = graph
         self.snapshots: SnapshotStore = snapshots or InMemorySnapshotStore()
         self.counters = EngineCounters()
         self._worker = ModelWorker(config.name)
@@ -185,7 +209,7 @@ class ModelEngine:
         self._batcher = asyncio.create_task(self._batch_loop(), name=f"batcher-{self.name}")
         if self.config.agreement_fraction > 0 and self.adapter.uses_batch_statistics:
             # Exports the source model to ONNX on its own thread: start-up does not wait for it.
-            self.agreement = SourceAgreement(self.source.model, self.config.input_size,
+            self.agreement = SourceAgreement(self._source_module, self.config.input_size,
                                              fraction=self.config.agreement_fraction, window=self.config.health_window)
         if self.probe is not None and self.config.probe_every_s > 0:
             self._probe_task = asyncio.create_task(self._probe_loop(), name=f"probe-{self.name}")
@@ -243,7 +267,7 @@ class ModelEngine:
             raise InvalidInput(
                 f"{images.shape[0]} images in one request; the limit is {self.config.max_images_per_request}"
             )
-        if not torch.isfinite(images).all():
+        if not _all_finite(images):
             raise InvalidInput("input contains NaN or infinite values")
         return images.float()
 
@@ -267,7 +291,9 @@ class ModelEngine:
         first = self._carry or await self._queue.get()
         self._carry = None
         batch, size = [first], first.images.shape[0]
-        deadline = time.perf_counter() + self.config.max_delay_ms / 1000
+        # The delay counts from the oldest request's arrival: requests that queued while the model was
+        # busy have waited already, so under load batches leave at once and the model never idles.
+        deadline = first.enqueued + self.config.max_delay_ms / 1000
         while size < self.config.max_batch_size:
             try:
                 item = self._queue.get_nowait()
@@ -312,6 +338,8 @@ class ModelEngine:
         started = time.perf_counter()
         n = x.shape[0]
         cfg = self.config
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         reliable: torch.Tensor | None = None
         selected: torch.Tensor | None = None
         version = self.adapter.stats.parameter_version  # the weights that produce these answers
@@ -336,22 +364,19 @@ class ModelEngine:
         if self.agreement is not None and self.counters.frozen_fallbacks == fallbacks:  # the adapted model answered
             self.agreement.offer(x, label)
         self._refresh_drift()
-        predictions = []
-        for i in range(n):
-            request_id = uuid.uuid4().hex
-            predictions.append(
-                Prediction(
-                    request_id=request_id,
-                    probabilities=probs[i],
-                    label=int(label[i]),
-                    confidence=float(confidence[i]),
-                    entropy=float(entropy[i]),
-                    reliable=None if reliable is None else bool(reliable[i]),
-                    selected=None if selected is None else bool(selected[i]),
-                    parameter_version=version,
-                )
+        # Plain Python values, converted once per batch: indexing tensors per image costs more than the model
+        # at small batches.
+        labels, confidences, entropies = label.tolist(), confidence.tolist(), entropy.tolist()
+        reliables = [None] * n if reliable is None else reliable.tolist()
+        selecteds = [None] * n if selected is None else selected.tolist()
+        ids = _request_ids(n)
+        predictions = [
+            Prediction(request_id, row, lab, conf, ent, rel, sel, version)
+            for request_id, row, lab, conf, ent, rel, sel in zip(
+                ids, probs.unbind(0), labels, confidences, entropies, reliables, selecteds, strict=True
             )
-            self._remember(request_id, int(label[i]), float(confidence[i]))
+        ]
+        self._remember(zip(ids, labels, confidences, strict=True))
         self.counters.images_served += n
         self.counters.batches += 1
         self.observer.on_batch(self.name, n, time.perf_counter() - started)
@@ -398,9 +423,11 @@ class ModelEngine:
         self.counters.adapt_batches_queued += 1
         self._worker.submit(lambda: self._step(batch), ADAPT)
 
-    def _remember(self, request_id: str, label: int, confidence: float) -> None:
+    def _remember(self, answers: Iterable[tuple[str, int, float]]) -> None:
+        """Keep (label, confidence) by request id for delayed feedback, the newest ``prediction_memory``."""
         with self._memory_lock:
-            self._memory[request_id] = (label, confidence)
+            for request_id, label, confidence in answers:
+                self._memory[request_id] = (label, confidence)
             while len(self._memory) > self._memory_size:
                 self._memory.popitem(last=False)
 

@@ -108,6 +108,9 @@ def load_model(config: ModelConfig, device: torch.device) -> LoadedModel:
         if len(classes) != probe.shape[1]:
             raise ValueError(f"{len(classes)} class names configured but the model has {probe.shape[1]} outputs")
         fisher = _fisher(config, module)
-        return LoadedModel(module.to(device), classes, fisher)
+        module = module.to(device)
+        if config.channels_last:
+            module = module.to(memory_format=torch.channels_last)
+        return LoadedModel(module, classes, fisher)
     except (OSError, ValueError, TypeError, RuntimeError, ImportError, AttributeError, CheckpointError) as exc:
         raise ModelLoadError(f"model {config.name!r}: {exc}") from exc

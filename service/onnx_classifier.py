@@ -45,6 +45,8 @@ def classifier_session(model: bytes, threads: int | None = None) -> ort.Inferenc
     options.inter_op_num_threads = 1
     if threads:
         options.intra_op_num_threads = threads
+    # Idle intra-op threads block instead of spinning: they share the cores with the HTTP event loop.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 

@@ -41,7 +41,7 @@ def routing_for_app(settings: Settings, registry: EngineRegistry, metrics: Servi
     return build_routing(settings.routing, registry.names(), base=base, metrics_registry=metrics.registry)
 
 
-def get_routing(request: Request) -> Routing:
+async def get_routing(request: Request) -> Routing:
     """The app's routing: 404 when none is configured, 503 while it loads."""
     if request.app.state.settings.routing is None:
         raise ApiError(404, "expert routing is not configured (add a 'routing' block to the configuration)")

@@ -34,11 +34,12 @@ router = APIRouter(tags=["v2: Open Inference Protocol"])
 
 
 # ------------------------------------------------------------------------------------ dependencies
-def get_settings(request: Request) -> Settings:
+# Async on purpose: FastAPI runs plain `def` dependencies in a thread pool, a hop per dependency per request.
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_registry(request: Request) -> EngineRegistry:
+async def get_registry(request: Request) -> EngineRegistry:
     """The app's engines; 503 while models are still loading."""
     registry: EngineRegistry | None = request.app.state.registry
     if registry is None:
@@ -50,7 +51,7 @@ Registry = Annotated[EngineRegistry, Depends(get_registry)]
 AppSettings = Annotated[Settings, Depends(get_settings)]
 
 
-def get_engine(name: str, registry: Registry) -> ModelEngine:
+async def get_engine(name: str, registry: Registry) -> ModelEngine:
     """The engine serving ``name`` (looked up in the registry only; 404 naming the served models)."""
     return registry.get(name)
 
@@ -58,7 +59,7 @@ def get_engine(name: str, registry: Registry) -> ModelEngine:
 Engine = Annotated[ModelEngine, Depends(get_engine)]
 
 
-def ready_engine(engine: Engine) -> ModelEngine:
+async def ready_engine(engine: Engine) -> ModelEngine:
     """The engine, or 503 when it is not running (starting up or shutting down)."""
     if not engine.ready:
         raise ApiError(503, f"model {engine.name!r} is not ready")

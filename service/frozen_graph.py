@@ -1,0 +1,60 @@
+"""The frozen model as a traced, frozen TorchScript graph: the fast path for answers without adaptation.
+
+Why: eager PyTorch returns to Python between every layer and takes Python's GIL back each time, so a
+model thread competes with the HTTP event loop for it on every operation. A frozen graph runs the whole
+forward in C++ without the GIL, and freezing folds BatchNorm into the convolutions (docs/benchmarks.md
+has the effect on throughput). Only models whose weights never change can be frozen: the ``source``
+method, and the source model that answers small batches before any BatchNorm context exists.
+
+Tracing records one path through the model, so a model with data-dependent control flow could trace
+to a wrong graph: the graph is checked against eager outputs on a batch size other than the traced one,
+and any failure keeps the eager model (with a warning naming why).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+_TRACE_BATCH = 8
+_CHECK_BATCH = 3
+_TOLERANCE = 1e-3
+
+
+def freeze_for_inference(
+    module: nn.Module, input_size: tuple[int, int], channels_last: bool, name: str = "model"
+) -> nn.Module | None:
+    """A frozen TorchScript graph equivalent to ``module`` in eval mode, or None (logged) if tracing fails.
+
+    ``module`` itself is left untouched.
+    """
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def example(batch: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(batch)
+        x = torch.rand(batch, 3, *input_size, generator=generator).to(device)
+        return x.contiguous(memory_format=memory_format)
+
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            graph = torch.jit.freeze(torch.jit.trace(module, example(_TRACE_BATCH), check_trace=False))
+            x = example(_CHECK_BATCH)
+            expected, got = module(x), graph(x)
+        if not isinstance(got, torch.Tensor) or got.shape != expected.shape:
+            raise ValueError(f"traced output has shape {getattr(got, 'shape', None)}, eager {tuple(expected.shape)}")
+        difference = float((got - expected).abs().max())
+        if difference > _TOLERANCE * max(1.0, float(expected.abs().max())):
+            raise ValueError(f"traced outputs differ from eager by {difference:.3g} (data-dependent control flow?)")
+    except Exception as exc:  # any tracing failure keeps the eager model
+        log.warning("model %s: serving the frozen model eagerly; it cannot be traced and frozen (%s)", name, exc)
+        return None
+    finally:
+        module.train(was_training)
+    return graph
