@@ -2,11 +2,12 @@
 
     python -m loadtest.server_throughput [--clients 1,8,32] [--duration 10] [--modes off,sync,async]
 
-Serves CIFAR ResNet-20 (32x32 inputs, micro-batches up to 64) in a ``tta-serve serve`` subprocess,
-drives it with N concurrent one-image clients (binary FP32 NCHW, the Triton client's default
-encoding) for a fixed time, and reports images/s, its ratio to the plain forward pass (batch 32,
-measured first in this process with the same thread count) and p50/p95/p99 latency. Loopback only,
-bounded in time. Results go to a table and, with ``--json``, a file.
+Serves CIFAR ResNet-20 (32x32 inputs, micro-batches up to 64, the server's default batching delay
+and thread count) in a ``tta-serve serve`` subprocess, drives it with N concurrent one-image
+clients sending CIFAR-10 test images (binary FP32 NCHW, the Triton client's default encoding) over
+kept-alive connections for a fixed time, and reports images/s, its ratio to the plain forward pass
+(NCHW, batch 32, measured first in this process with ``--threads``) and p50/p95/p99 latency.
+Loopback only, bounded in time. Results go to a table and, with ``--json``, a file.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -29,7 +31,7 @@ from rich.table import Table
 
 from adapters.models import build_cifar_resnet
 from benchmarks.data import checkpoint_path, cifar10_test_path
-from service.v2_client import binary_request, parse_response
+from service.v2_client import binary_request
 
 MODES = {
     "off": {"method": "source"},
@@ -56,9 +58,12 @@ def plain_forward(weights: Path, batch: int, seconds: float, channels_last: bool
     return done / (time.perf_counter() - start)
 
 
-def write_config(folder: Path, mode: str, weights: Path, max_batch: int, fisher_data: Path) -> Path:
-    fields = {"name": "resnet20", "architecture": "resnet20", "weights": str(weights), "max_batch_size": max_batch,
-              "max_delay_ms": 2, **MODES[mode]}
+def write_config(folder: Path, mode: str, weights: Path, max_batch: int, max_delay_ms: float | None,
+                 fisher_data: Path) -> Path:
+    fields: dict[str, Any] = {"name": "resnet20", "architecture": "resnet20", "weights": str(weights),
+                              "max_batch_size": max_batch, **MODES[mode]}
+    if max_delay_ms is not None:
+        fields["max_delay_ms"] = max_delay_ms
     if fields["method"] != "source":
         fields["fisher_data"] = str(fisher_data)
     path = folder / f"{mode}.json"  # JSON is valid YAML
@@ -80,45 +85,97 @@ def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 180) -> None:
     raise RuntimeError("server did not become ready")
 
 
-async def drive(base: str, clients: int, seconds: float, images: np.ndarray) -> dict[str, float]:
-    """``clients`` concurrent loops of one-image requests for ``seconds``; latency in ms."""
+def raw_requests(images: np.ndarray, model: str) -> list[bytes]:
+    """Complete HTTP/1.1 requests (binary v2, one image each), built once so the client costs little."""
+    requests = []
+    for image in images:
+        body, headers = binary_request(image[None])
+        head = f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: bench\r\nContent-Length: {len(body)}\r\n"
+        head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+        requests.append(head.encode() + body)
+    return requests
+
+
+async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> bytes:
+    """Send one request on a kept-alive connection and read its response; raises on a non-200 answer."""
+    writer.write(request)
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    body = await reader.readexactly(length)
+    if not head.startswith(b"HTTP/1.1 200"):
+        status = head.partition(b"\r\n")[0].decode()
+        raise RuntimeError(f"{status}: {body[:200]!r}")
+    return body
+
+
+async def drive(port: int, clients: int, seconds: float, requests: list[bytes]) -> dict[str, float]:
+    """``clients`` concurrent loops of one-image requests for ``seconds``; latency in ms.
+
+    The client is raw HTTP/1.1 over asyncio streams with prebuilt requests: on these 2 cores an httpx
+    client needed more CPU per request than the server, so it measured itself (docs/benchmarks.md).
+    """
     latencies: list[float] = []
     errors = 0
     stop_at = time.perf_counter() + seconds
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
 
-    async def client_loop(client: httpx.AsyncClient, offset: int) -> None:
+    async def client_loop(offset: int) -> None:
         nonlocal errors
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
         i = offset
-        while time.perf_counter() < stop_at:
-            body, headers = binary_request(images[i % len(images)][None])
-            started = time.perf_counter()
-            try:
-                parse_response(await client.post("/v2/models/resnet20/infer", content=body, headers=headers))
-                latencies.append((time.perf_counter() - started) * 1000)
-            except (RuntimeError, httpx.HTTPError):
-                errors += 1
-            i += clients
+        try:
+            while time.perf_counter() < stop_at:
+                started = time.perf_counter()
+                try:
+                    await _exchange(reader, writer, requests[i % len(requests)])
+                    latencies.append((time.perf_counter() - started) * 1000)
+                except RuntimeError:
+                    errors += 1
+                i += clients
+        finally:
+            writer.close()
 
-    async with httpx.AsyncClient(base_url=base, timeout=30, limits=limits) as client:
-        start = time.perf_counter()
-        await asyncio.gather(*[client_loop(client, k) for k in range(clients)])
-        elapsed = time.perf_counter() - start
+    start = time.perf_counter()
+    await asyncio.gather(*[client_loop(k) for k in range(clients)])
+    elapsed = time.perf_counter() - start
     lat = np.asarray(latencies) if latencies else np.zeros(1)
     return {"images_per_second": len(latencies) / elapsed, "p50_ms": float(np.percentile(lat, 50)),
             "p95_ms": float(np.percentile(lat, 95)), "p99_ms": float(np.percentile(lat, 99)),
             "requests": len(latencies), "errors": errors}
 
 
+def run_loop(coroutine: Any) -> Any:
+    """``asyncio.run`` on uvloop when installed (as the server uses): less client CPU per request."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coroutine)
+    return uvloop.run(coroutine)
+
+
+def cifar_images(path: Path, count: int = 1024) -> np.ndarray:
+    """CIFAR-10 test images as float32 NCHW in [0, 1] (real images: EATA's filters select as in use)."""
+    with np.load(path) as data:
+        x = data["x"][:count]
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32) / 255.0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", type=Path, default=checkpoint_path("resnet20"))
-    parser.add_argument("--fisher-data", type=Path, default=cifar10_test_path())
+    parser.add_argument("--data", type=Path, default=cifar10_test_path(), help="images sent, and Fisher data")
     parser.add_argument("--clients", default="1,8,32")
     parser.add_argument("--modes", default="off,off-onnx,sync,async", help=f"any of {', '.join(MODES)}")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads, server and plain forward")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the plain forward pass")
+    parser.add_argument("--server-threads", type=int, help="TTA_THREADS of the server (default: the server's "
+                        "own default, one per core less one)")
     parser.add_argument("--max-batch", type=int, default=64)
+    parser.add_argument("--max-delay-ms", type=float, help="the server's max_delay_ms (default: the server's, "
+                        "0 for off/async and 10 for sync)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     console = Console()
@@ -127,21 +184,22 @@ def main() -> None:
     plain_cl = plain_forward(args.weights, 32, args.duration / 2, channels_last=True)
     console.print(f"plain forward, batch 32, {args.threads} threads: {plain:.0f} img/s "
                   f"({plain_cl:.0f} with channels_last)")
-    images = (np.random.default_rng(0).random((256, 3, 32, 32)) ).astype(np.float32)
+    requests = raw_requests(cifar_images(args.data), "resnet20")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for mode in args.modes.split(","):
-            config = write_config(Path(tmp), mode, args.weights, args.max_batch, args.fisher_data)
+            config = write_config(Path(tmp), mode, args.weights, args.max_batch, args.max_delay_ms, args.data)
             port = 18000 + os.getpid() % 1000
-            env = {**os.environ, "TTA_THREADS": str(args.threads)}
+            env = dict(os.environ)
+            if args.server_threads:
+                env["TTA_THREADS"] = str(args.server_threads)
             proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--config", str(config),
                                      "--port", str(port), "--log-level", "warning"], env=env)
-            base = f"http://127.0.0.1:{port}"
             try:
-                wait_ready(base, proc)
-                asyncio.run(drive(base, 8, 2.0, images))  # warm-up
+                wait_ready(f"http://127.0.0.1:{port}", proc)
+                run_loop(drive(port, 8, 2.0, requests))  # warm-up
                 for clients in (int(c) for c in args.clients.split(",")):
-                    result = asyncio.run(drive(base, clients, args.duration, images))
+                    result = run_loop(drive(port, clients, args.duration, requests))
                     rows.append({"mode": mode, "clients": clients, **result,
                                  "ratio_to_plain": result["images_per_second"] / plain})
                     console.print(rows[-1])
@@ -157,7 +215,8 @@ def main() -> None:
     console.print(table)
     if args.json:
         args.json.write_text(json.dumps({"plain_forward": plain, "plain_forward_channels_last": plain_cl,
-                                         "threads": args.threads, "rows": rows}, indent=2))
+                                         "threads": args.threads, "server_threads": args.server_threads,
+                                         "max_delay_ms": args.max_delay_ms, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

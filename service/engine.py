@@ -40,7 +40,7 @@ from service.health import PredictionWindow, ProbeResult, ProbeSet, SourceAgreem
 from service.model_sources import LoadedModel, ModelLoadError
 from service.settings import ModelConfig
 from service.snapshots import InMemorySnapshotStore, SnapshotInfo, SnapshotStore
-from service.worker import ADAPT, PREDICT, ModelWorker
+from service.worker import ADAPT, PREDICT, BatchPolicy, ModelWorker
 
 if TYPE_CHECKING:
     from service.replication import Replica
@@ -110,6 +110,23 @@ def _all_finite(images: torch.Tensor) -> bool:
     return bool(torch.isfinite(images).all())
 
 
+def batch_policy(config: ModelConfig) -> BatchPolicy:
+    """Batching for ``config`` (the ``max_delay_ms`` field explains the two policies)."""
+    return BatchPolicy(config.max_batch_size, config.batch_delay_ms / 1000, wait_from_free=config.adapts_in_sync)
+
+
+def _deliver(batch: list[_Pending], outcome: list[Prediction] | Exception) -> None:
+    """Resolve each request's future with its slice of the batch's answers (event loop thread)."""
+    offset = 0
+    for p in batch:
+        if not p.future.done():  # a client that went away cancelled its future
+            if isinstance(outcome, Exception):
+                p.future.set_exception(outcome)
+            else:
+                p.future.set_result(outcome[offset : offset + p.size])
+        offset += p.size
+
+
 def _request_ids(n: int) -> list[str]:
     """``n`` random 128-bit ids as hex (uuid4's randomness, one system call per batch instead of per id)."""
     raw = os.urandom(16 * n).hex()
@@ -118,9 +135,15 @@ def _request_ids(n: int) -> list[str]:
 
 @dataclass
 class _Pending:
+    """A request (or a ``max_batch_size`` chunk of one) waiting in the worker's queue."""
+
     images: torch.Tensor
     future: asyncio.Future
     enqueued: float = field(default_factory=time.perf_counter)
+
+    @property
+    def size(self) -> int:
+        return self.images.shape[0]
 
 
 @dataclass
@@ -172,10 +195,8 @@ class ModelEngine:
                     self.adapter.model = graph
         self.snapshots: SnapshotStore = snapshots or InMemorySnapshotStore()
         self.counters = EngineCounters()
-        self._worker = ModelWorker(config.name)
-        self._queue: asyncio.Queue[_Pending] | None = None
-        self._carry: _Pending | None = None
-        self._batcher: asyncio.Task | None = None
+        self._worker = ModelWorker(config.name, batch_policy(config), self._serve_batch)
+        self._loop: asyncio.AbstractEventLoop | None = None  # set while started: where answers are delivered
         self._context: deque[torch.Tensor] = deque(maxlen=max(config.context_size, 0))
         self._pending_adapt: list[torch.Tensor] = []
         self._memory: OrderedDict[str, tuple[int, float]] = OrderedDict()
@@ -205,8 +226,7 @@ class ModelEngine:
         return self.adapter.updates_parameters and (self.replica is None or self.replica.may_adapt())
 
     async def start(self) -> None:
-        self._queue = asyncio.Queue()
-        self._batcher = asyncio.create_task(self._batch_loop(), name=f"batcher-{self.name}")
+        self._loop = asyncio.get_running_loop()
         if self.config.agreement_fraction > 0 and self.adapter.uses_batch_statistics:
             # Exports the source model to ONNX on its own thread: start-up does not wait for it.
             self.agreement = SourceAgreement(self._source_module, self.config.input_size,
@@ -240,18 +260,19 @@ class ModelEngine:
 
     async def stop(self) -> None:
         self.observer.on_stop(self.name)
-        for task in (self._probe_task, self._replica_task, self._batcher):
+        for task in (self._probe_task, self._replica_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         if self.agreement is not None:
             self.agreement.stop()
-        await asyncio.get_running_loop().run_in_executor(None, self._worker.stop)
+        await asyncio.get_running_loop().run_in_executor(None, self._worker.stop)  # serves waiting requests first
+        self._loop = None
 
     @property
     def ready(self) -> bool:
-        return self._batcher is not None and not self._batcher.done()
+        return self._loop is not None and self._worker.alive
 
     # ------------------------------------------------------------------ prediction
     def validate(self, images: torch.Tensor) -> torch.Tensor:
@@ -273,66 +294,32 @@ class ModelEngine:
 
     async def predict(self, images: torch.Tensor) -> list[Prediction]:
         """Answer every image of a request; concurrent requests are batched together."""
-        if self._queue is None:
+        loop = self._loop
+        if loop is None:
             raise RuntimeError(f"engine {self.name} is not started")
         images = self.validate(images)
-        loop = asyncio.get_running_loop()
         parts = []
         for chunk in images.split(self.config.max_batch_size):
             pending = _Pending(chunk, loop.create_future())
-            self._queue.put_nowait(pending)
+            waiting = self._worker.put_request(pending)
             parts.append(pending.future)
-        self.observer.on_queue_depth(self.name, self._queue.qsize())
+        self.observer.on_queue_depth(self.name, waiting)
         results = await asyncio.gather(*parts)
         return [p for part in results for p in part]
 
-    async def _next_batch(self) -> list[_Pending]:
-        assert self._queue is not None
-        first = self._carry or await self._queue.get()
-        self._carry = None
-        batch, size = [first], first.images.shape[0]
-        # The delay counts from the oldest request's arrival: requests that queued while the model was
-        # busy have waited already, so under load batches leave at once and the model never idles.
-        deadline = first.enqueued + self.config.max_delay_ms / 1000
-        while size < self.config.max_batch_size:
-            try:
-                item = self._queue.get_nowait()
-            except asyncio.QueueEmpty:
-                remaining = deadline - time.perf_counter()
-                if remaining <= 0:
-                    break
-                try:
-                    item = await asyncio.wait_for(self._queue.get(), remaining)
-                except TimeoutError:
-                    break
-            if size + item.images.shape[0] > self.config.max_batch_size:
-                self._carry = item
-                break
-            batch.append(item)
-            size += item.images.shape[0]
-        return batch
-
-    async def _batch_loop(self) -> None:
-        assert self._queue is not None
-        while True:
-            batch = await self._next_batch()
-            self.observer.on_queue_depth(self.name, self._queue.qsize())
-            x = torch.cat([p.images for p in batch]) if len(batch) > 1 else batch[0].images
-            try:
-                predictions = await asyncio.wrap_future(self._worker.submit(lambda x=x: self._run_batch(x), PREDICT))
-            except Exception as exc:  # an engine fault fails this batch's requests, not the server
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(exc)
-                continue
-            offset = 0
-            for p in batch:
-                n = p.images.shape[0]
-                if not p.future.done():
-                    p.future.set_result(predictions[offset : offset + n])
-                offset += n
-
     # ------------------------------------------------------------------ worker-thread side
+    def _serve_batch(self, batch: list[_Pending]) -> None:
+        """Run one micro-batch and hand each request its answers on the event loop (worker thread)."""
+        x = torch.cat([p.images for p in batch]) if len(batch) > 1 else batch[0].images
+        try:
+            outcome: list[Prediction] | Exception = self._run_batch(x)
+        except Exception as exc:  # an engine fault fails this batch's requests, not the server
+            log.exception("model %s: a batch of %d images failed", self.name, x.shape[0])
+            outcome = exc
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(_deliver, batch, outcome)
+
     def _run_batch(self, x: torch.Tensor) -> list[Prediction]:
         """Predict (and in sync mode adapt on) one micro-batch. Runs on the worker thread."""
         started = time.perf_counter()

@@ -14,6 +14,7 @@ and any failure keeps the eager model (with a warning naming why).
 from __future__ import annotations
 
 import logging
+import warnings
 
 import torch
 from torch import nn
@@ -43,7 +44,10 @@ def freeze_for_inference(
     was_training = module.training
     module.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # TorchScript is deprecated in favour of torch.compile, which needs a C++ toolchain at run time
+            # and compiles per shape; the frozen graph is the portable way to drop the GIL for a forward.
+            warnings.simplefilter("ignore", DeprecationWarning)
             graph = torch.jit.freeze(torch.jit.trace(module, example(_TRACE_BATCH), check_trace=False))
             x = example(_CHECK_BATCH)
             expected, got = module(x), graph(x)

@@ -47,7 +47,12 @@ class ModelConfig(BaseModel):
     fisher_data: Path | None = Field(None, description="npz of clean images (x uint8 NxHxWx3) to estimate Fisher")
     fisher_size: int = Field(500, ge=1, description="clean images used from fisher_data")
     max_batch_size: int = Field(64, ge=1, le=4096)
-    max_delay_ms: float = Field(5.0, ge=0, le=10_000, description="how long a batch waits to fill")
+    max_delay_ms: float | None = Field(
+        None, ge=0, le=10_000, description="how long a batch waits to fill: for frozen and async models from its "
+        "oldest request's arrival (default 0: the batch is whatever queued while the model was busy, as Triton's "
+        "default), for models adapting in sync mode from when the model is free (default 10: adaptation steps cost "
+        "less per image, and estimate BatchNorm statistics better, on fuller batches)"
+    )
     min_adapt_batch: int = Field(
         16, ge=1, description="batches smaller than this are answered with recent inputs as BN context"
     )
@@ -115,6 +120,18 @@ class ModelConfig(BaseModel):
         if self.runtime == "onnx" and self.method != "source":
             raise ValueError(f"runtime 'onnx' serves frozen models only: set method 'source' (not {self.method!r})")
         return self
+
+    @property
+    def adapts_in_sync(self) -> bool:
+        """Whether answers come from the forward pass of an adaptation step (the batching policy differs)."""
+        return self.mode == "sync" and self.method != "source"
+
+    @property
+    def batch_delay_ms(self) -> float:
+        """``max_delay_ms``, or its default for this model (see the field)."""
+        if self.max_delay_ms is not None:
+            return self.max_delay_ms
+        return 10.0 if self.adapts_in_sync else 0.0
 
     def effective_options(self) -> dict[str, Any]:
         """Method options with the service's collapse-guard default applied."""

@@ -1,18 +1,27 @@
 """One thread per model that owns the adapter: the only place its weights are read or written.
 
-Jobs carry a priority: predictions (requests waiting) run before queued adaptation work, so async
-mode keeps adaptation off the request path.
+The thread also forms the micro-batches: requests wait in its queue and it takes a batch when it is
+free, so a batch holds everything that arrived while the model was busy (the event loop never commits
+a batch early to a model that cannot start it yet). What runs next, in order:
+
+1. admin jobs (reset, snapshots, parameter sync), submitted with priority ``PREDICT``;
+2. a batch of waiting requests, once it is due (see :class:`BatchPolicy`);
+3. queued adaptation work (priority ``ADAPT``), only while no request waits: async mode keeps
+   adaptation off the request path.
 """
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import logging
-import queue
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
 
@@ -21,40 +30,132 @@ ADAPT = 1
 _STOP = 2
 
 
-class ModelWorker:
-    """A single thread executing submitted callables in priority order (FIFO within a priority)."""
+class Request(Protocol):
+    """What the worker needs of a waiting request."""
 
-    def __init__(self, name: str) -> None:
-        self._queue: queue.PriorityQueue[tuple[int, int, Callable[[], Any] | None, Future | None]] = (
-            queue.PriorityQueue()
-        )
+    size: int  # images
+    enqueued: float  # time.perf_counter() at arrival
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """When waiting requests leave as a batch: when ``max_batch`` images wait, or after ``max_delay_s``.
+
+    The delay counts from the oldest request's arrival (``wait_from_free=False``: under load, requests
+    that queued while the model was busy leave at once, so the model never idles), or from when the
+    model became free (``wait_from_free=True``: the model waits up to ``max_delay_s`` for a fuller batch;
+    worth it where per-image cost falls with batch size, as for adaptation steps).
+    """
+
+    max_batch: int
+    max_delay_s: float
+    wait_from_free: bool = False
+
+
+class ModelWorker:
+    """A single thread running jobs in priority order and the batches of ``serve_batch``."""
+
+    def __init__(
+        self,
+        name: str,
+        policy: BatchPolicy | None = None,
+        serve_batch: Callable[[list[Any]], None] | None = None,
+    ) -> None:
+        self._policy = policy or BatchPolicy(max_batch=1, max_delay_s=0.0)
+        self._serve_batch = serve_batch
+        self._cond = threading.Condition()
+        self._jobs: list[tuple[int, int, Callable[[], Any] | None, Future | None]] = []
+        self._requests: deque[Any] = deque()
+        self._waiting_images = 0
         self._counter = itertools.count()
+        self._stopping = False
         self._thread = threading.Thread(target=self._run, name=f"tta-worker-{name}", daemon=True)
         self._thread.start()
 
+    # ------------------------------------------------------------------ any thread
     def submit(self, fn: Callable[[], Any], priority: int = PREDICT) -> Future:
         future: Future = Future()
-        self._queue.put((priority, next(self._counter), fn, future))
+        with self._cond:
+            heapq.heappush(self._jobs, (priority, next(self._counter), fn, future))
+            self._cond.notify()
         return future
 
-    def pending(self, priority: int) -> int:
-        with self._queue.mutex:
-            return sum(1 for item in self._queue.queue if item[0] == priority)
+    def put_request(self, request: Request) -> int:
+        """Queue a request for the next batch; returns the images now waiting."""
+        if self._serve_batch is None:
+            raise RuntimeError("this worker serves no batches")
+        with self._cond:
+            self._requests.append(request)
+            self._waiting_images += request.size
+            self._cond.notify()
+            return self._waiting_images
 
-    def _run(self) -> None:
-        while True:
-            _, _, fn, future = self._queue.get()
-            if fn is None:
-                return
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(fn())
-            except BaseException as exc:  # the caller gets the error; the worker keeps serving
-                log.exception("model worker job failed")
-                future.set_exception(exc)
+    def pending(self, priority: int) -> int:
+        with self._cond:
+            return sum(1 for job in self._jobs if job[0] == priority)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Finish queued jobs, then stop."""
-        self._queue.put((_STOP, next(self._counter), None, None))
+        """Serve waiting requests and finish queued jobs, then stop."""
+        with self._cond:
+            self._stopping = True  # waiting requests are due now
+            heapq.heappush(self._jobs, (_STOP, next(self._counter), None, None))
+            self._cond.notify()
         self._thread.join(timeout)
+
+    # ------------------------------------------------------------------ the thread
+    def _run(self) -> None:
+        free_since = time.perf_counter()
+        while True:
+            with self._cond:
+                job, batch = self._next(free_since)
+            if batch is not None:
+                assert self._serve_batch is not None
+                try:
+                    self._serve_batch(batch)
+                except BaseException:  # serve_batch answers its requests itself; never let the thread die
+                    log.exception("serving a batch failed")
+            elif job is not None:
+                _, _, fn, future = job
+                if fn is None:
+                    return
+                if future is not None and future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn())
+                    except BaseException as exc:  # the caller gets the error; the worker keeps serving
+                        log.exception("model worker job failed")
+                        future.set_exception(exc)
+            free_since = time.perf_counter()
+
+    def _next(self, free_since: float) -> tuple[tuple | None, list[Any] | None]:
+        """(job, None) or (None, batch): what to run next; waits until something is due. Holds the lock."""
+        policy = self._policy
+        while True:
+            if self._jobs and self._jobs[0][0] == PREDICT:
+                return heapq.heappop(self._jobs), None
+            if self._requests:
+                start = self._requests[0].enqueued
+                if policy.wait_from_free:
+                    start = max(start, free_since)
+                remaining = start + policy.max_delay_s - time.perf_counter()
+                if self._waiting_images >= policy.max_batch or remaining <= 0 or self._stopping:
+                    return None, self._take_batch()
+                self._cond.wait(remaining)
+                continue
+            if self._jobs:
+                return heapq.heappop(self._jobs), None
+            self._cond.wait()
+
+    def _take_batch(self) -> list[Any]:
+        """The oldest requests that fit in ``max_batch`` images (always at least one)."""
+        batch = [self._requests.popleft()]
+        size = batch[0].size
+        while self._requests and size + self._requests[0].size <= self._policy.max_batch:
+            request = self._requests.popleft()
+            batch.append(request)
+            size += request.size
+        self._waiting_images -= size
+        return batch

@@ -1,0 +1,99 @@
+"""The model thread's scheduling: batches form when the model is free, admin jobs first, adaptation last."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+from service.worker import ADAPT, PREDICT, BatchPolicy, ModelWorker
+
+
+@dataclass
+class Req:
+    size: int
+    name: str = ""
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[object] = []
+        self.lock = threading.Lock()
+
+    def serve(self, batch: list[Req]) -> None:
+        with self.lock:
+            self.events.append([r.name for r in batch])
+
+    def job(self, name: str):
+        def run() -> str:
+            with self.lock:
+                self.events.append(name)
+            return name
+        return run
+
+
+def blocked_worker(policy: BatchPolicy) -> tuple[ModelWorker, Recorder, threading.Event]:
+    """A worker busy with a job until the returned event is set."""
+    recorder = Recorder()
+    worker = ModelWorker("t", policy, recorder.serve)
+    release, running = threading.Event(), threading.Event()
+    worker.submit(lambda: (running.set(), release.wait(10)))
+    assert running.wait(10)
+    return worker, recorder, release
+
+
+def test_requests_that_arrive_while_the_model_is_busy_leave_as_one_batch():
+    worker, recorder, release = blocked_worker(BatchPolicy(max_batch=64, max_delay_s=0.0))
+    for i in range(5):
+        worker.put_request(Req(1, f"r{i}"))
+    release.set()
+    worker.stop()
+    assert recorder.events == [["r0", "r1", "r2", "r3", "r4"]]
+
+
+def test_batches_never_exceed_max_batch_and_keep_arrival_order():
+    worker, recorder, release = blocked_worker(BatchPolicy(max_batch=4, max_delay_s=0.0))
+    for i, size in enumerate([2, 1, 2, 3, 1]):
+        worker.put_request(Req(size, f"r{i}"))
+    release.set()
+    worker.stop()
+    assert recorder.events == [["r0", "r1"], ["r2"], ["r3", "r4"]]
+
+
+def test_admin_jobs_run_before_waiting_requests_and_adaptation_after_them():
+    worker, recorder, release = blocked_worker(BatchPolicy(max_batch=64, max_delay_s=0.0))
+    adapt = worker.submit(recorder.job("adapt"), ADAPT)
+    worker.put_request(Req(1, "r0"))
+    admin = worker.submit(recorder.job("admin"), PREDICT)
+    release.set()
+    assert admin.result(10) == "admin" and adapt.result(10) == "adapt"
+    worker.stop()
+    assert recorder.events == ["admin", ["r0"], "adapt"]
+
+
+def test_stop_serves_the_requests_still_waiting():
+    worker, recorder, release = blocked_worker(BatchPolicy(max_batch=64, max_delay_s=5.0, wait_from_free=True))
+    worker.put_request(Req(1, "late"))
+    release.set()
+    worker.stop(timeout=2)  # the delay would hold it for 5 s: stopping serves it at once
+    assert recorder.events == [["late"]]
+    assert not worker.alive
+
+
+def test_a_failing_batch_does_not_stop_the_worker():
+    calls: list[int] = []
+    first_done = threading.Event()
+
+    def serve(batch: list[Req]) -> None:
+        calls.append(len(batch))
+        if len(calls) == 1:
+            first_done.set()
+            raise RuntimeError("boom")
+
+    worker = ModelWorker("t", BatchPolicy(max_batch=8, max_delay_s=0.0), serve)
+    worker.put_request(Req(1))
+    assert first_done.wait(10)
+    worker.put_request(Req(1))
+    worker.stop()
+    assert calls == [1, 1]
