@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 import adapters
+from adapters.recent_statistics import RecentBatchStatistics
 from service.frozen_graph import freeze_for_inference
 from service.health import PredictionWindow, ProbeResult, ProbeSet, SourceAgreement
 from service.model_sources import LoadedModel, ModelLoadError
@@ -112,7 +113,8 @@ def _all_finite(images: torch.Tensor) -> bool:
 
 def batch_policy(config: ModelConfig) -> BatchPolicy:
     """Batching for ``config`` (the ``max_delay_ms`` field explains the two policies)."""
-    return BatchPolicy(config.max_batch_size, config.batch_delay_ms / 1000, wait_from_free=config.adapts_in_sync)
+    return BatchPolicy(config.max_batch_size, config.batch_delay_ms / 1000, wait_from_free=config.adapts_in_sync,
+                       adapt_share=config.adapt_time_share if config.mode == "async" else 1.0)
 
 
 def _deliver(batch: list[_Pending], outcome: list[Prediction] | Exception) -> None:
@@ -186,6 +188,9 @@ class ModelEngine:
             **config.effective_options(),
         )
         self.source = adapters.create("source", loaded.module)
+        self._recent_stats: RecentBatchStatistics | None = None
+        if config.recent_statistics and self.adapter.uses_batch_statistics:
+            self._recent_stats = RecentBatchStatistics(self.adapter.model, config.min_adapt_batch)
         self._source_module = self.source.model  # eager: exported to ONNX for the agreement check
         if config.trace_source and config.runtime == "torch":  # an onnxruntime model is a graph already
             graph = freeze_for_inference(self.source.model, config.input_size, config.channels_last, config.name)
@@ -373,6 +378,11 @@ class ModelEngine:
         n = x.shape[0]
         if not self.adapter.uses_batch_statistics or n >= self.config.min_adapt_batch:
             return self.adapter.predict(x)
+        recent = self._recent_stats
+        if recent is not None and recent.ready(max_served=self.config.context_size):
+            recent.served_since_update += n
+            with recent.applied():
+                return self.adapter.predict(x)
         need = self.config.min_adapt_batch - n
         context = list(self._context)[-need:] if need > 0 else []
         if not context:
@@ -380,6 +390,11 @@ class ModelEngine:
             return self.source.predict(x)
         padded = torch.cat([x, torch.stack(context).to(x.device)])
         return self.adapter.predict(padded)[:n]
+
+    def _forget_recent_statistics(self) -> None:
+        """After a reset the averages describe weights that are gone (worker thread)."""
+        if self._recent_stats is not None:
+            self._recent_stats.clear()
 
     def _step(self, x: torch.Tensor) -> adapters.StepResult:
         started = time.perf_counter()
@@ -389,6 +404,7 @@ class ModelEngine:
         self._refresh_drift()
         self.observer.on_step(self.name, result, time.perf_counter() - started)
         if result.reset_reason is not None:
+            self._forget_recent_statistics()
             self._last_reset_reason = result.reset_reason
             log.warning("model %s: adapter reset (%s)", self.name, result.reset_reason)
             self.observer.on_reset(self.name, result.reset_reason)
@@ -429,6 +445,7 @@ class ModelEngine:
             if self.replica is not None and self.replica.is_leader:
                 self.replica.publish(self)
             self._pending_adapt = []
+            self._forget_recent_statistics()
             self._last_reset_reason = adapters.guard.MANUAL
 
         await self.run_on_worker(do_reset)

@@ -57,7 +57,17 @@ class ModelConfig(BaseModel):
         16, ge=1, description="batches smaller than this are answered with recent inputs as BN context"
     )
     context_size: int = Field(64, ge=0, description="recent inputs kept as BatchNorm context for small batches")
+    recent_statistics: bool = Field(
+        True, description="normalise batches smaller than min_adapt_batch with moving averages of the BatchNorm "
+        "statistics of recent large batches (a forward pass at the batch's own size) while such averages were "
+        "recorded within the last context_size small-batch images; otherwise pad with the context"
+    )
     adapt_queue_size: int = Field(8, ge=1, description="async mode: pending adaptation batches before dropping")
+    adapt_time_share: float = Field(
+        0.2, gt=0, le=1, description="async mode: most of the model thread's time adaptation steps may take, so "
+        "requests arriving during a step wait little (1: a step whenever no request waits); the rest is dropped "
+        "and counted when the queue is full"
+    )
     max_images_per_request: int = Field(64, ge=1)
     collapse_guard: bool = Field(True, description="reset on collapse signals (library default is off)")
     health_window: int = Field(

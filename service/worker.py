@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 PREDICT = 0
 ADAPT = 1
 _STOP = 2
+_ADAPT_BURST_S = 0.1
 
 
 class Request(Protocol):
@@ -45,11 +46,17 @@ class BatchPolicy:
     that queued while the model was busy leave at once, so the model never idles), or from when the
     model became free (``wait_from_free=True``: the model waits up to ``max_delay_s`` for a fuller batch;
     worth it where per-image cost falls with batch size, as for adaptation steps).
+
+    ``adapt_share`` < 1 budgets adaptation (a token bucket): jobs of priority ``ADAPT`` run only while
+    their time so far stays within that share of the elapsed time (with a burst of ``_ADAPT_BURST_S``
+    after idle time). Without it, a busy model starts a step in every short gap between requests and
+    the requests arriving during the step wait for all of it.
     """
 
     max_batch: int
     max_delay_s: float
     wait_from_free: bool = False
+    adapt_share: float = 1.0  # most of the thread's time adaptation jobs may take (1: whenever no request waits)
 
 
 class ModelWorker:
@@ -69,6 +76,8 @@ class ModelWorker:
         self._waiting_images = 0
         self._counter = itertools.count()
         self._stopping = False
+        self._adapt_credit = _ADAPT_BURST_S  # seconds of adaptation the budget allows now
+        self._credit_at = time.perf_counter()
         self._thread = threading.Thread(target=self._run, name=f"tta-worker-{name}", daemon=True)
         self._thread.start()
 
@@ -119,15 +128,19 @@ class ModelWorker:
                 except BaseException:  # serve_batch answers its requests itself; never let the thread die
                     log.exception("serving a batch failed")
             elif job is not None:
-                _, _, fn, future = job
+                priority, _, fn, future = job
                 if fn is None:
                     return
+                started = time.perf_counter()
                 if future is not None and future.set_running_or_notify_cancel():
                     try:
                         future.set_result(fn())
                     except BaseException as exc:  # the caller gets the error; the worker keeps serving
                         log.exception("model worker job failed")
                         future.set_exception(exc)
+                if priority == ADAPT:
+                    with self._cond:
+                        self._adapt_credit -= time.perf_counter() - started
             free_since = time.perf_counter()
 
     def _next(self, free_since: float) -> tuple[tuple | None, list[Any] | None]:
@@ -146,8 +159,22 @@ class ModelWorker:
                 self._cond.wait(remaining)
                 continue
             if self._jobs:
-                return heapq.heappop(self._jobs), None
+                wait = self._adapt_wait() if self._jobs[0][0] == ADAPT else 0.0
+                if wait <= 0:
+                    return heapq.heappop(self._jobs), None
+                self._cond.wait(wait)
+                continue
             self._cond.wait()
+
+    def _adapt_wait(self) -> float:
+        """Seconds until the adaptation budget allows the next job (0: now). Holds the lock."""
+        share = self._policy.adapt_share
+        if share >= 1 or self._stopping:
+            return 0.0
+        now = time.perf_counter()
+        self._adapt_credit = min(_ADAPT_BURST_S, self._adapt_credit + share * (now - self._credit_at))
+        self._credit_at = now
+        return 0.0 if self._adapt_credit > 0 else -self._adapt_credit / share
 
     def _take_batch(self) -> list[Any]:
         """The oldest requests that fit in ``max_batch`` images (always at least one)."""

@@ -177,3 +177,20 @@ def test_configuration_errors_name_the_field(tmp_path):
     settings = load_settings(good)
     assert settings.models[0].weights == tmp_path / "w.th"  # relative to the config file
     assert Settings().resolved_models()[0].name == "digits"  # zero-configuration default
+
+
+def test_a_lone_request_after_a_large_batch_is_normalised_with_its_statistics():
+    async def answers(recent: bool):
+        engine = await started(make_engine(method="norm", min_adapt_batch=8, recent_statistics=recent))
+        x = images(16)
+        batch = await engine.predict(x)
+        lone = await engine.predict(x[:1])
+        fallbacks = engine.counters.frozen_fallbacks
+        await engine.stop()
+        return batch[0].probabilities, lone[0].probabilities, fallbacks
+
+    in_batch, alone, fallbacks = run(answers(recent=True))
+    torch.testing.assert_close(alone, in_batch, atol=1e-5, rtol=1e-4)  # the batch's own statistics, recorded
+    assert fallbacks == 0
+    in_batch, padded, _ = run(answers(recent=False))  # the context policy: padded with other recent inputs
+    assert not torch.allclose(padded, in_batch, atol=1e-4)
