@@ -28,8 +28,9 @@ class RecentBatchStatistics:
         self.layers = [m for m in model.modules() if isinstance(m, BATCH_NORMS) and m.training]
         self.min_batch = max(2, min_batch)
         self.momentum = momentum
-        self.mean: list[torch.Tensor | None] = [None] * len(self.layers)
-        self.var: list[torch.Tensor | None] = [None] * len(self.layers)
+        # Allocated once and only updated in place: a traced graph that normalises with them keeps reading them.
+        self.mean = [torch.zeros(layer.num_features, device=_device(layer)) for layer in self.layers]
+        self.var = [torch.ones(layer.num_features, device=_device(layer)) for layer in self.layers]
         self.updates = 0  # forward passes recorded
         self.served_since_update = 0  # images normalised with the averages since the last recorded pass
         self._applying = False
@@ -47,8 +48,9 @@ class RecentBatchStatistics:
             with torch.no_grad():
                 dims = [0, *range(2, x.dim())]
                 mean, var = x.mean(dims), x.var(dims, unbiased=False)
-                if self.mean[index] is None or self.var[index] is None:
-                    self.mean[index], self.var[index] = mean, var
+                if self.updates == 0:
+                    self.mean[index].copy_(mean)
+                    self.var[index].copy_(var)
                 else:
                     self.mean[index].lerp_(mean, self.momentum)
                     self.var[index].lerp_(var, self.momentum)
@@ -89,8 +91,9 @@ class RecentBatchStatistics:
             self._applying = False
 
     def clear(self) -> None:
-        self.mean = [None] * len(self.layers)
-        self.var = [None] * len(self.layers)
+        for mean, var in zip(self.mean, self.var, strict=True):
+            mean.zero_()
+            var.fill_(1.0)
         self.updates = 0
         self.served_since_update = 0
 
@@ -99,3 +102,10 @@ class RecentBatchStatistics:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+def _device(layer: nn.Module) -> torch.device:
+    tensor = next(iter(layer.parameters()), None)
+    if tensor is None:
+        tensor = next(iter(layer.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")

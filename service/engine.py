@@ -36,7 +36,7 @@ import torch
 
 import adapters
 from adapters.recent_statistics import RecentBatchStatistics
-from service.frozen_graph import freeze_for_inference
+from service.frozen_graph import freeze_for_inference, trace_shared
 from service.health import PredictionWindow, ProbeResult, ProbeSet, SourceAgreement
 from service.model_sources import LoadedModel, ModelLoadError
 from service.settings import ModelConfig
@@ -189,6 +189,8 @@ class ModelEngine:
         )
         self.source = adapters.create("source", loaded.module)
         self._recent_stats: RecentBatchStatistics | None = None
+        self._recent_graph_module: torch.nn.Module | None = None
+        self._recent_graph_tried = False
         if config.recent_statistics and self.adapter.uses_batch_statistics:
             self._recent_stats = RecentBatchStatistics(self.adapter.model, config.min_adapt_batch)
         self._source_module = self.source.model  # eager: exported to ONNX for the agreement check
@@ -379,8 +381,12 @@ class ModelEngine:
         if not self.adapter.uses_batch_statistics or n >= self.config.min_adapt_batch:
             return self.adapter.predict(x)
         recent = self._recent_stats
-        if recent is not None and recent.ready(max_served=self.config.context_size):
+        if recent is not None and recent.ready(max_served=self.config.recent_statistics_images):
             recent.served_since_update += n
+            graph = self._recent_graph()
+            if graph is not None:
+                with torch.no_grad():
+                    return graph(x.to(self.adapter.device))
             with recent.applied():
                 return self.adapter.predict(x)
         need = self.config.min_adapt_batch - n
@@ -390,6 +396,21 @@ class ModelEngine:
             return self.source.predict(x)
         padded = torch.cat([x, torch.stack(context).to(x.device)])
         return self.adapter.predict(padded)[:n]
+
+    def _recent_graph(self) -> torch.nn.Module | None:
+        """The adapted model normalising with the recent statistics as a traced graph (built once, on first
+        use; worker thread). Not frozen: it reads the live parameters and averages, so it always answers as
+        the eager model would, without taking the GIL per layer. None for methods with their own forward or
+        calibration (EATA-C) and when tracing is off or fails."""
+        if not self._recent_graph_tried:
+            self._recent_graph_tried = True
+            method = type(self.adapter)
+            plain = method.forward is adapters.Adapter.forward and method.calibrate is adapters.Adapter.calibrate
+            if self.config.trace_source and plain and self._recent_stats is not None:
+                with self._recent_stats.applied():
+                    self._recent_graph_module = trace_shared(self.adapter.model, self.config.input_size,
+                                                             self.config.channels_last, self.name)
+        return self._recent_graph_module
 
     def _forget_recent_statistics(self) -> None:
         """After a reset the averages describe weights that are gone (worker thread)."""

@@ -33,6 +33,26 @@ def freeze_for_inference(
 
     ``module`` itself is left untouched.
     """
+    was_training = module.training
+    module.eval()
+    try:
+        return _checked_graph(module, input_size, channels_last, name, freeze=True)
+    finally:
+        module.train(was_training)
+
+
+def trace_shared(
+    module: nn.Module, input_size: tuple[int, int], channels_last: bool, name: str = "model"
+) -> nn.Module | None:
+    """A traced graph of ``module`` as it is configured now that is *not* frozen: it reads the module's
+    parameters and buffers when it runs, so in-place updates (optimiser steps, resets, parameter sync,
+    recent statistics) reach it. None (logged) if tracing fails."""
+    return _checked_graph(module, input_size, channels_last, name, freeze=False)
+
+
+def _checked_graph(
+    module: nn.Module, input_size: tuple[int, int], channels_last: bool, name: str, freeze: bool
+) -> nn.Module | None:
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
@@ -41,14 +61,14 @@ def freeze_for_inference(
         x = torch.rand(batch, 3, *input_size, generator=generator).to(device)
         return x.contiguous(memory_format=memory_format)
 
-    was_training = module.training
-    module.eval()
     try:
         with torch.no_grad(), warnings.catch_warnings():
             # TorchScript is deprecated in favour of torch.compile, which needs a C++ toolchain at run time
-            # and compiles per shape; the frozen graph is the portable way to drop the GIL for a forward.
+            # and compiles per shape; a traced graph is the portable way to drop the GIL for a forward.
             warnings.simplefilter("ignore", DeprecationWarning)
-            graph = torch.jit.freeze(torch.jit.trace(module, example(_TRACE_BATCH), check_trace=False))
+            graph = torch.jit.trace(module, example(_TRACE_BATCH), check_trace=False)
+            if freeze:
+                graph = torch.jit.freeze(graph)
             x = example(_CHECK_BATCH)
             expected, got = module(x), graph(x)
         if not isinstance(got, torch.Tensor) or got.shape != expected.shape:
@@ -57,8 +77,7 @@ def freeze_for_inference(
         if difference > _TOLERANCE * max(1.0, float(expected.abs().max())):
             raise ValueError(f"traced outputs differ from eager by {difference:.3g} (data-dependent control flow?)")
     except Exception as exc:  # any tracing failure keeps the eager model
-        log.warning("model %s: serving the frozen model eagerly; it cannot be traced and frozen (%s)", name, exc)
+        log.warning("model %s: serving %s eagerly; it cannot be traced (%s)", name,
+                    "the frozen model" if freeze else "small batches", exc)
         return None
-    finally:
-        module.train(was_training)
     return graph

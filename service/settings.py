@@ -60,7 +60,12 @@ class ModelConfig(BaseModel):
     recent_statistics: bool = Field(
         True, description="normalise batches smaller than min_adapt_batch with moving averages of the BatchNorm "
         "statistics of recent large batches (a forward pass at the batch's own size) while such averages were "
-        "recorded within the last context_size small-batch images; otherwise pad with the context"
+        "recorded within the last recent_statistics_images small-batch images; otherwise pad with the context "
+        "(which records new averages)"
+    )
+    recent_statistics_images: int = Field(
+        256, ge=1, description="small-batch images the recent statistics may serve before a padded forward pass "
+        "refreshes them (adaptation steps and large batches refresh them too)"
     )
     adapt_queue_size: int = Field(8, ge=1, description="async mode: pending adaptation batches before dropping")
     adapt_time_share: float = Field(

@@ -194,3 +194,29 @@ def test_a_lone_request_after_a_large_batch_is_normalised_with_its_statistics():
     assert fallbacks == 0
     in_batch, padded, _ = run(answers(recent=False))  # the context policy: padded with other recent inputs
     assert not torch.allclose(padded, in_batch, atol=1e-4)
+
+
+def test_lone_requests_follow_the_adapted_weights_through_the_traced_graph():
+    async def scenario():
+        engine = await started(make_engine(method="tent", min_adapt_batch=8))
+        await engine.predict(images(16))
+        await engine.predict(images(1, seed=8))  # the graph is traced here, before the weights move
+        for seed in range(1, 3):
+            await engine.predict(images(16, seed=seed))  # sync steps: the weights move in place
+        x = images(1, seed=9)
+        served = (await engine.predict(x))[0].probabilities
+
+        def eager() -> torch.Tensor:
+            assert engine._recent_stats is not None
+            with engine._recent_stats.applied():
+                return engine.adapter.predict(x).softmax(1)[0]
+
+        expected = await engine.run_on_worker(eager)
+        graph_used = engine._recent_graph_module is not None
+        drift = engine.adapter.parameter_drift()
+        await engine.stop()
+        return served, expected, graph_used, drift
+
+    served, expected, graph_used, drift = run(scenario())
+    assert graph_used and drift > 0
+    torch.testing.assert_close(served, expected, atol=1e-5, rtol=1e-4)
