@@ -174,8 +174,7 @@ def main() -> None:
     parser.add_argument("--server-threads", type=int, help="TTA_THREADS of the server (default: the server's "
                         "own default, one per core less one)")
     parser.add_argument("--max-batch", type=int, default=64)
-    parser.add_argument("--max-delay-ms", type=float, help="the server's max_delay_ms (default: the server's, "
-                        "0 for off/async and 10 for sync)")
+    parser.add_argument("--max-delay-ms", type=float, help="the server's max_delay_ms (default: the server's, 0)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     console = Console()

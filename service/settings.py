@@ -48,10 +48,9 @@ class ModelConfig(BaseModel):
     fisher_size: int = Field(500, ge=1, description="clean images used from fisher_data")
     max_batch_size: int = Field(64, ge=1, le=4096)
     max_delay_ms: float | None = Field(
-        None, ge=0, le=10_000, description="how long a batch waits to fill: for frozen and async models from its "
-        "oldest request's arrival (default 0: the batch is whatever queued while the model was busy, as Triton's "
-        "default), for models adapting in sync mode from when the model is free (default 10: adaptation steps cost "
-        "less per image, and estimate BatchNorm statistics better, on fuller batches)"
+        None, ge=0, le=10_000, description="how long a batch waits to fill (default 0: a batch is whatever queued "
+        "while the model was busy, as Triton's default); counted from the oldest request's arrival, or for models "
+        "adapting in sync mode from when the model is free"
     )
     min_adapt_batch: int = Field(
         16, ge=1, description="batches smaller than this are answered with recent inputs as BN context"
@@ -144,9 +143,7 @@ class ModelConfig(BaseModel):
     @property
     def batch_delay_ms(self) -> float:
         """``max_delay_ms``, or its default for this model (see the field)."""
-        if self.max_delay_ms is not None:
-            return self.max_delay_ms
-        return 10.0 if self.adapts_in_sync else 0.0
+        return self.max_delay_ms if self.max_delay_ms is not None else 0.0
 
     def effective_options(self) -> dict[str, Any]:
         """Method options with the service's collapse-guard default applied."""
