@@ -8,6 +8,7 @@ in eval mode.
 from __future__ import annotations
 
 import hashlib
+import itertools
 
 import torch
 from torch import nn
@@ -71,6 +72,7 @@ def model_hash(model: nn.Module) -> str:
 
 
 def model_device(model: nn.Module) -> torch.device:
-    for tensor in model.parameters():
+    """The device of the module's first parameter, else of its first buffer (e.g. a BatchNorm without affine)."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
         return tensor.device
     return torch.device("cpu")

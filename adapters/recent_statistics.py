@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from adapters.configure import BATCH_NORMS
+from adapters.configure import BATCH_NORMS, model_device
 
 _REFRESH_EVERY = 8
 
@@ -29,14 +29,15 @@ class RecentBatchStatistics:
         self.min_batch = max(2, min_batch)
         self.momentum = momentum
         # Allocated once and only updated in place: a traced graph that normalises with them keeps reading them.
-        self.mean = [torch.zeros(layer.num_features, device=_device(layer)) for layer in self.layers]
-        self.var = [torch.ones(layer.num_features, device=_device(layer)) for layer in self.layers]
+        self.mean = [torch.zeros(layer.num_features, device=model_device(layer)) for layer in self.layers]
+        self.var = [torch.ones(layer.num_features, device=model_device(layer)) for layer in self.layers]
         self.updates = 0  # forward passes recorded
         self.served_since_update = 0  # images normalised with the averages since the last recorded pass
         self._applying = False
         self._large_passes = 0
         self._recording = False  # decided per forward pass, at the first layer
-        self._handles = [layer.register_forward_pre_hook(self._recorder(i)) for i, layer in enumerate(self.layers)]
+        for i, layer in enumerate(self.layers):
+            layer.register_forward_pre_hook(self._recorder(i))
 
     def _recorder(self, index: int):  # returns a forward pre-hook
         def record(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
@@ -97,15 +98,3 @@ class RecentBatchStatistics:
         self.updates = 0
         self.served_since_update = 0
 
-    def remove(self) -> None:
-        """Detach the hooks from the model."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-
-def _device(layer: nn.Module) -> torch.device:
-    tensor = next(iter(layer.parameters()), None)
-    if tensor is None:
-        tensor = next(iter(layer.buffers()), None)
-    return tensor.device if tensor is not None else torch.device("cpu")

@@ -113,7 +113,7 @@ def _all_finite(images: torch.Tensor) -> bool:
 
 def batch_policy(config: ModelConfig) -> BatchPolicy:
     """Batching for ``config`` (the ``max_delay_ms`` field explains the two policies)."""
-    return BatchPolicy(config.max_batch_size, config.batch_delay_ms / 1000, wait_from_free=config.adapts_in_sync,
+    return BatchPolicy(config.max_batch_size, config.max_delay_ms / 1000, wait_from_free=config.adapts_in_sync,
                        adapt_share=config.adapt_time_share if config.mode == "async" else 1.0)
 
 

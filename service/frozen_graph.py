@@ -19,6 +19,8 @@ import warnings
 import torch
 from torch import nn
 
+from adapters.configure import model_device
+
 log = logging.getLogger(__name__)
 
 _TRACE_BATCH = 8
@@ -53,7 +55,7 @@ def trace_shared(
 def _checked_graph(
     module: nn.Module, input_size: tuple[int, int], channels_last: bool, name: str, freeze: bool
 ) -> nn.Module | None:
-    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    device = model_device(module)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def example(batch: int) -> torch.Tensor:

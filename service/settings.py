@@ -47,8 +47,8 @@ class ModelConfig(BaseModel):
     fisher_data: Path | None = Field(None, description="npz of clean images (x uint8 NxHxWx3) to estimate Fisher")
     fisher_size: int = Field(500, ge=1, description="clean images used from fisher_data")
     max_batch_size: int = Field(64, ge=1, le=4096)
-    max_delay_ms: float | None = Field(
-        None, ge=0, le=10_000, description="how long a batch waits to fill (default 0: a batch is whatever queued "
+    max_delay_ms: float = Field(
+        0.0, ge=0, le=10_000, description="how long a batch waits to fill (default 0: a batch is whatever queued "
         "while the model was busy, as Triton's default); counted from the oldest request's arrival, or for models "
         "adapting in sync mode from when the model is free"
     )
@@ -139,11 +139,6 @@ class ModelConfig(BaseModel):
     def adapts_in_sync(self) -> bool:
         """Whether answers come from the forward pass of an adaptation step (the batching policy differs)."""
         return self.mode == "sync" and self.method != "source"
-
-    @property
-    def batch_delay_ms(self) -> float:
-        """``max_delay_ms``, or its default for this model (see the field)."""
-        return self.max_delay_ms if self.max_delay_ms is not None else 0.0
 
     def effective_options(self) -> dict[str, Any]:
         """Method options with the service's collapse-guard default applied."""
