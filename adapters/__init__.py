@@ -8,7 +8,15 @@ Usage::
 """
 
 from adapters import methods as _methods  # noqa: F401  (registers every method)
-from adapters.base import Adapter, AdapterOptions, AdapterStats, OptimizedOptions, StepResult, entropy
+from adapters.base import (
+    Adapter,
+    AdapterOptions,
+    AdapterStats,
+    OptimizedOptions,
+    PredictionCallback,
+    StepResult,
+    entropy,
+)
 from adapters.configure import NoNormalizationError, model_hash
 from adapters.fisher import FisherInfo, FisherMismatchError, estimate_fisher
 from adapters.guard import RESET_REASONS, CollapseGuardOptions
@@ -30,6 +38,7 @@ __all__ = [
     "InProcessProbabilityCache",
     "NoNormalizationError",
     "OptimizedOptions",
+    "PredictionCallback",
     "ProbabilityCache",
     "StepResult",
     "accuracy",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -55,6 +56,10 @@ class OptimizedOptions(AdapterOptions):
         "predicts without gradient and re-forwards only the selected samples with gradient",
     )
     guard: CollapseGuardOptions = Field(default_factory=CollapseGuardOptions)
+
+
+#: ``on_prediction(logits, entropy, reliable, selected)`` of :meth:`Adapter.step`.
+PredictionCallback = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
 @dataclass
@@ -165,10 +170,12 @@ class Adapter:
         with torch.no_grad():
             return self.calibrate(x, self.forward(x))
 
-    def step(self, x: torch.Tensor) -> StepResult:
+    def step(self, x: torch.Tensor, on_prediction: PredictionCallback | None = None) -> StepResult:
         """Predict ``x`` and, for adapting methods, take one update step on it.
 
-        The logits returned are those of the forward pass *before* this batch's update.
+        The logits returned are those of the forward pass *before* this batch's update. ``on_prediction``,
+        if given, receives them (with the entropy and the reliable/selected masks) as soon as they are
+        known, before the backward pass: a server answers its clients while the update runs.
         """
         x = x.to(self.device)
         grad_forward = self.updates_parameters and self.options.backward == "full"  # type: ignore[attr-defined]
@@ -180,6 +187,8 @@ class Adapter:
         ent = entropy(detached)
         reliable, selected = self.select(detached, ent)
         returned = self.calibrate(x, detached)
+        if on_prediction is not None:
+            on_prediction(returned, ent, reliable, selected)
         loss_value: float | None = None
         updated = False
         if self.updates_parameters and bool(selected.any()):
@@ -245,12 +254,14 @@ class Adapter:
         if opts.optimizer == "sgd":  # type: ignore[attr-defined]
             return torch.optim.SGD(
                 params,
+                foreach=True,  # one op per update for all tensors (the default only on GPUs)
                 lr=opts.lr,  # type: ignore[attr-defined]
                 momentum=opts.momentum,  # type: ignore[attr-defined]
                 weight_decay=opts.weight_decay,  # type: ignore[attr-defined]
             )
         return torch.optim.Adam(
             params,
+            foreach=True,
             lr=opts.lr,  # type: ignore[attr-defined]
             betas=opts.betas,  # type: ignore[attr-defined]
             weight_decay=opts.weight_decay,  # type: ignore[attr-defined]
@@ -273,9 +284,11 @@ class Adapter:
         """Relative L2 distance of the adapted parameters from the source ones."""
         if not self.params:
             return 0.0
-        with torch.no_grad():
-            num = sum(float((p - self.source_params[n]).pow(2).sum()) for n, p in self.params.items())
-            den = sum(float(s.pow(2).sum()) for s in self.source_params.values())
+        names = list(self.params)
+        with torch.no_grad():  # foreach ops and one read-back: the server computes this after every update
+            diffs = torch._foreach_sub([self.params[n] for n in names], [self.source_params[n] for n in names])
+            num = float(torch.stack(torch._foreach_norm(diffs)).square().sum())
+            den = float(torch.stack(torch._foreach_norm([self.source_params[n] for n in names])).square().sum())
         return math.sqrt(num / max(den, 1e-12))
 
     def adapted_parameters(self) -> dict[str, torch.Tensor]:

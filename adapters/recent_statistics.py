@@ -6,6 +6,13 @@ request. Instead, every forward pass over a batch of at least ``min_batch`` imag
 average of each layer's per-channel input mean and variance (the layer's own inputs, so it follows the
 adapted weights and the drifting test distribution), and :meth:`RecentBatchStatistics.applied`
 normalises a small batch with those: the cost of a forward pass at its own size.
+
+The averages are BatchNorm's own running statistics, kept in tensors of ours: the layers stay in batch
+mode (``training=True``) but track running statistics, so the normalisation kernel updates the
+averages from the mean and variance it computes anyway. Recording costs nothing measurable; separate
+reductions in per-layer hooks cost a quarter of a sync adaptation step. One hook on the model decides
+per forward pass whether that pass counts (its ``momentum``: 0 for small batches). Like BatchNorm's, the
+recorded variance is the unbiased one (a factor n/(n-1), n = images x pixels per channel).
 """
 
 from __future__ import annotations
@@ -18,11 +25,9 @@ from torch import nn
 
 from adapters.configure import BATCH_NORMS, model_device
 
-_REFRESH_EVERY = 8
-
 
 class RecentBatchStatistics:
-    """Records the input statistics of ``model``'s batch-statistics BatchNorm layers on large batches."""
+    """Averages the input statistics of ``model``'s batch-statistics BatchNorm layers over large batches."""
 
     def __init__(self, model: nn.Module, min_batch: int, momentum: float = 0.2) -> None:
         self.layers = [m for m in model.modules() if isinstance(m, BATCH_NORMS) and m.training]
@@ -34,39 +39,29 @@ class RecentBatchStatistics:
         self.updates = 0  # forward passes recorded
         self.served_since_update = 0  # images normalised with the averages since the last recorded pass
         self._applying = False
-        self._large_passes = 0
-        self._recording = False  # decided per forward pass, at the first layer
-        for i, layer in enumerate(self.layers):
-            layer.register_forward_pre_hook(self._recorder(i))
+        self._factor = 0.0  # the layers' momentum now
+        for layer, mean, var in zip(self.layers, self.mean, self.var, strict=True):
+            # The layer's own buffers (the source statistics) are replaced: batch mode never reads them.
+            layer._buffers["running_mean"] = mean
+            layer._buffers["running_var"] = var
+            layer._buffers["num_batches_tracked"] = None
+            layer.track_running_stats = True
+            layer.momentum = 0.0
+        if self.layers:
+            model.register_forward_pre_hook(self._before_pass)
 
-    def _recorder(self, index: int):  # returns a forward pre-hook
-        def record(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            x = args[0]
-            if index == 0:
-                self._recording = not self._applying and x.shape[0] >= self.min_batch and self._due()
-            if not self._recording:
-                return
-            with torch.no_grad():
-                dims = [0, *range(2, x.dim())]
-                mean, var = x.mean(dims), x.var(dims, unbiased=False)
-                if self.updates == 0:
-                    self.mean[index].copy_(mean)
-                    self.var[index].copy_(var)
-                else:
-                    self.mean[index].lerp_(mean, self.momentum)
-                    self.var[index].lerp_(var, self.momentum)
-            if index == len(self.layers) - 1:
-                self.updates += 1
-                self.served_since_update = 0
-
-        return record
-
-    def _due(self) -> bool:
-        """Record this large pass? Always when the averages were used since the last recording, else every
-        ``_REFRESH_EVERY``-th pass: the reductions cost about a tenth of a forward pass, so a stream of
-        large batches (which never needs the averages) pays for them rarely."""
-        self._large_passes += 1
-        return self.updates == 0 or self.served_since_update > 0 or self._large_passes % _REFRESH_EVERY == 0
+    def _before_pass(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        """Set how much this forward pass moves the averages: all the way on the first recorded pass,
+        ``momentum`` on later large ones, not at all on small batches or inside :meth:`applied`."""
+        record = not self._applying and bool(args) and args[0].shape[0] >= self.min_batch
+        factor = (1.0 if self.updates == 0 else self.momentum) if record else 0.0
+        if factor != self._factor:
+            for layer in self.layers:
+                layer.momentum = factor
+            self._factor = factor
+        if record:
+            self.updates += 1
+            self.served_since_update = 0
 
     def ready(self, max_served: int) -> bool:
         """Whether every layer has averages, recorded before at most ``max_served`` small-batch images."""
@@ -75,20 +70,15 @@ class RecentBatchStatistics:
     @contextmanager
     def applied(self) -> Iterator[None]:
         """Inside, the layers normalise with the averages (eval mode); outside, with the batch again."""
-        saved = [(layer.training, layer._buffers.get("running_mean"), layer._buffers.get("running_var"))
-                 for layer in self.layers]
+        saved = [layer.training for layer in self.layers]
         self._applying = True
         try:
-            for layer, mean, var in zip(self.layers, self.mean, self.var, strict=True):
+            for layer in self.layers:
                 layer.training = False
-                layer._buffers["running_mean"] = mean
-                layer._buffers["running_var"] = var
             yield
         finally:
-            for layer, (training, mean, var) in zip(self.layers, saved, strict=True):
+            for layer, training in zip(self.layers, saved, strict=True):
                 layer.training = training
-                layer._buffers["running_mean"] = mean
-                layer._buffers["running_var"] = var
             self._applying = False
 
     def clear(self) -> None:

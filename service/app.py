@@ -27,6 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service import routes_detect, routes_v1, routes_v2, routes_ws
 from service.engine import EngineObserver, EngineRegistry, ModelEngine
 from service.http_errors import BodyTooLarge, error_response, install_error_handlers
+from service.infer_fast_path import InferFastPath
 from service.metrics import RequestMetricsMiddleware, ServiceMetrics
 from service.model_sources import load_model, resolve_device
 from service.redis_state import RedisConnection, RedisProbabilityCache, RedisSnapshotStore
@@ -189,9 +190,11 @@ def create_app(
         m: ServiceMetrics = request.app.state.metrics
         return Response(m.render(), media_type=m.content_type)
 
-    # Added last = outermost: metrics also count the 413s the body limit produces.
+    # Added last = outermost: metrics also count the 413s the body limit produces, and the infer fast path
+    # hands every request it does not answer itself to the full stack below it.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    app.add_middleware(InferFastPath, metrics=metrics)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

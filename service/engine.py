@@ -318,38 +318,59 @@ class ModelEngine:
     def _serve_batch(self, batch: list[_Pending]) -> None:
         """Run one micro-batch and hand each request its answers on the event loop (worker thread)."""
         x = torch.cat([p.images for p in batch]) if len(batch) > 1 else batch[0].images
+        answered = False
+
+        def answer(outcome: list[Prediction] | Exception) -> None:
+            nonlocal answered
+            answered = True
+            loop = self._loop
+            if loop is not None and not loop.is_closed():
+                loop.call_soon_threadsafe(_deliver, batch, outcome)
+
         try:
-            outcome: list[Prediction] | Exception = self._run_batch(x)
+            self._run_batch(x, answer)
         except Exception as exc:  # an engine fault fails this batch's requests, not the server
             log.exception("model %s: a batch of %d images failed", self.name, x.shape[0])
-            outcome = exc
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(_deliver, batch, outcome)
+            if not answered:  # a failed update after the answers went out fails no request
+                answer(exc)
 
-    def _run_batch(self, x: torch.Tensor) -> list[Prediction]:
-        """Predict (and in sync mode adapt on) one micro-batch. Runs on the worker thread."""
+    def _run_batch(self, x: torch.Tensor, answer: Callable[[list[Prediction]], None]) -> None:
+        """Predict (and in sync mode adapt on) one micro-batch; ``answer`` gets its predictions as soon as they
+        exist: in sync mode before the backward pass, so clients send their next requests while the update
+        runs (the next batch still waits for it). Runs on the worker thread."""
         started = time.perf_counter()
-        n = x.shape[0]
         cfg = self.config
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        reliable: torch.Tensor | None = None
-        selected: torch.Tensor | None = None
         version = self.adapter.stats.parameter_version  # the weights that produce these answers
         fallbacks = self.counters.frozen_fallbacks
-        if not self.adapter.uses_batch_statistics:
-            logits = self.source.predict(x)
-        elif cfg.mode == "sync" and self.adapts and n >= cfg.min_adapt_batch:
-            result = self._step(x)
-            logits, reliable, selected = result.logits, result.reliable, result.selected
+        batch_statistics = self.adapter.uses_batch_statistics
+        if batch_statistics and cfg.mode == "sync" and self.adapts and x.shape[0] >= cfg.min_adapt_batch:
+
+            def on_prediction(logits: torch.Tensor, ent: torch.Tensor, reliable: torch.Tensor,
+                              selected: torch.Tensor) -> None:
+                answer(self._answers(x, logits, reliable, selected, version, fallbacks))
+
+            self._step(x, on_prediction)
         else:
-            logits = self._predict_with_context(x)
-            if self.adapts:
-                self._schedule_adaptation(x)
+            if not batch_statistics:
+                logits = self.source.predict(x)
+            else:
+                logits = self._predict_with_context(x)
+                if self.adapts:
+                    self._schedule_adaptation(x)
+            answer(self._answers(x, logits, None, None, version, fallbacks))
+        self._refresh_drift()
+        self.observer.on_batch(self.name, x.shape[0], time.perf_counter() - started)
+
+    def _answers(self, x: torch.Tensor, logits: torch.Tensor, reliable: torch.Tensor | None,
+                 selected: torch.Tensor | None, version: int, fallbacks: int) -> list[Prediction]:
+        """Each image's prediction, and the per-batch bookkeeping (context, health window, feedback memory)."""
+        n = x.shape[0]
         self._context.extend(x.detach().cpu().unbind(0))
-        probs = logits.detach().float().softmax(1).cpu()
-        entropy = adapters.entropy(logits.detach().float()).cpu()
+        logits = logits.detach().float()
+        probs = logits.softmax(1).cpu()
+        entropy = adapters.entropy(logits).cpu()
         if reliable is None and self.adapter.e0 is not None:
             reliable = entropy < self.adapter.e0
         confidence, label = probs.max(1)
@@ -357,7 +378,6 @@ class ModelEngine:
         self.observer.on_predictions(self.name, entropy, confidence)
         if self.agreement is not None and self.counters.frozen_fallbacks == fallbacks:  # the adapted model answered
             self.agreement.offer(x, label)
-        self._refresh_drift()
         # Plain Python values, converted once per batch: indexing tensors per image costs more than the model
         # at small batches.
         labels, confidences, entropies = label.tolist(), confidence.tolist(), entropy.tolist()
@@ -373,7 +393,6 @@ class ModelEngine:
         self._remember(zip(ids, labels, confidences, strict=True))
         self.counters.images_served += n
         self.counters.batches += 1
-        self.observer.on_batch(self.name, n, time.perf_counter() - started)
         return predictions
 
     def _predict_with_context(self, x: torch.Tensor) -> torch.Tensor:
@@ -417,9 +436,9 @@ class ModelEngine:
         if self._recent_stats is not None:
             self._recent_stats.clear()
 
-    def _step(self, x: torch.Tensor) -> adapters.StepResult:
+    def _step(self, x: torch.Tensor, on_prediction: adapters.PredictionCallback | None = None) -> adapters.StepResult:
         started = time.perf_counter()
-        result = self.adapter.step(x)
+        result = self.adapter.step(x, on_prediction)
         if self.replica is not None and self.replica.is_leader and (result.updated or result.reset_reason):
             self.replica.publish(self)
         self._refresh_drift()

@@ -105,5 +105,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, f"internal error: {type(exc).__name__}")
+        return internal_error_response(request.method, request.url.path, exc)
+
+
+def internal_error_response(method: str, path: str, exc: Exception) -> JSONResponse:
+    """500 naming only the exception's type (details go to the log, never to the client)."""
+    log.error("unhandled error on %s %s", method, path, exc_info=exc)
+    return error_response(500, f"internal error: {type(exc).__name__}")

@@ -238,7 +238,17 @@ _INFER_BODY = {
 )
 async def infer(request: Request, engine: ReadyEngine, settings: AppSettings) -> Response:
     body = decode_content(await request.body(), request.headers.get("content-encoding"), settings.max_body_bytes)
-    header, binary = split_binary_body(body, request.headers.get(HEADER_LENGTH))
+    return await run_inference(engine, body, request.headers.get(HEADER_LENGTH))
+
+
+async def run_inference(engine: ModelEngine, body: bytes, header_length: str | None) -> Response:
+    """Parse an infer body (JSON, or JSON header + binary tensors), predict and format the answer.
+
+    Raises :class:`ApiError` or :class:`InvalidInput` for a bad request, always before the request reaches
+    the model (the fast path in ``service.infer_fast_path`` relies on that); other exceptions come from the
+    model's batch.
+    """
+    header, binary = split_binary_body(body, header_length)
     try:
         req = InferRequest.model_validate_json(header)
     except ValidationError as exc:

@@ -436,6 +436,25 @@ def test_metrics_use_route_templates_and_count_batches(client, digits):
         assert f"# TYPE {name}" in text
 
 
+def test_infer_requests_are_counted_once_by_route_whether_or_not_the_fast_path_answers(client, digits):
+    def count(route: str, status: int) -> float:
+        line = f'tta_requests_total{{method="POST",route="{route}",status="{status}"}} '
+        text = client.get("/metrics").text
+        return next((float(x.removeprefix(line)) for x in text.splitlines() if x.startswith(line)), 0.0)
+
+    plain, versioned = "/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer"
+    before = {(r, s): count(r, s) for r in (plain, versioned) for s in (200, 400)}
+    x, _ = digits
+    content, headers = v2_binary(x[:2])
+    assert client.post("/v2/models/digits/infer", content=content, headers=headers).status_code == 200
+    assert client.post("/v2/models/digits/versions/1/infer", content=content, headers=headers).status_code == 200
+    bad = client.post("/v2/models/digits/infer", content=content[:-1], headers=headers)  # refused, then replayed
+    assert bad.status_code == 400 and "binary_data_size is 6144 but 6143 bytes" in error_of(bad)
+    after = {key: count(*key) for key in before}
+    assert {key: after[key] - before[key] for key in before} == {
+        (plain, 200): 1, (plain, 400): 1, (versioned, 200): 1, (versioned, 400): 0}
+
+
 def test_service_metrics_registries_are_independent():
     a, b = ServiceMetrics(), ServiceMetrics()
     a.observe_request("/x", "GET", 200, 0.01)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 import torch
@@ -190,10 +191,11 @@ def test_a_lone_request_after_a_large_batch_is_normalised_with_its_statistics():
         return batch[0].probabilities, lone[0].probabilities, fallbacks
 
     in_batch, alone, fallbacks = run(answers(recent=True))
-    torch.testing.assert_close(alone, in_batch, atol=1e-5, rtol=1e-4)  # the batch's own statistics, recorded
+    # the batch's own statistics, recorded (with the unbiased variance, as BatchNorm keeps it: ~1e-4 apart)
+    torch.testing.assert_close(alone, in_batch, atol=3e-4, rtol=1e-3)
     assert fallbacks == 0
     in_batch, padded, _ = run(answers(recent=False))  # the context policy: padded with other recent inputs
-    assert not torch.allclose(padded, in_batch, atol=1e-4)
+    assert not torch.allclose(padded, in_batch, atol=3e-4)
 
 
 def test_lone_requests_follow_the_adapted_weights_through_the_traced_graph():
@@ -220,3 +222,45 @@ def test_lone_requests_follow_the_adapted_weights_through_the_traced_graph():
     served, expected, graph_used, drift = run(scenario())
     assert graph_used and drift > 0
     torch.testing.assert_close(served, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_sync_answers_go_out_before_the_update_and_a_failed_update_fails_no_request():
+    async def scenario():
+        engine = await started(make_engine(options={"e0": 10.0, "redundancy_eps": 2.0}))
+        optimizer = engine.adapter.optimizer
+        original, release = optimizer.step, threading.Event()
+
+        def held_step(*args, **kwargs):  # the first update waits until the client has its answer, then fails
+            optimizer.step = original
+            if not release.wait(10):
+                raise AssertionError("the answer waited for the update")
+            raise RuntimeError("optimiser blew up")
+
+        optimizer.step = held_step
+        answered = await asyncio.wait_for(engine.predict(images(16, seed=1)), 5)
+        release.set()
+        later = await engine.predict(images(16, seed=2))  # the worker keeps serving and adapting
+        info = await engine.adaptation_info()
+        await engine.stop()
+        return answered, later, info
+
+    answered, later, info = run(scenario())
+    assert len(answered) == 16 and answered[0].parameter_version == 0
+    assert len(later) == 16 and info["updates"] == 1  # the failed update did not count
+
+
+def test_a_step_reports_its_prediction_before_the_weights_move():
+    adapter = adapters.create("eata", small_bn_cnn(), num_classes=10, e0=10.0, redundancy_eps=2.0)
+    seen = {}
+
+    def on_prediction(logits, entropy, reliable, selected):
+        seen["logits"] = logits.clone()
+        seen["params"] = {n: p.detach().clone() for n, p in adapter.params.items()}
+        seen["selected"] = selected.clone()
+
+    before = {n: p.detach().clone() for n, p in adapter.params.items()}
+    result = adapter.step(images(16), on_prediction)
+    assert result.updated
+    assert torch.equal(seen["logits"], result.logits) and torch.equal(seen["selected"], result.selected)
+    assert all(torch.equal(seen["params"][n], before[n]) for n in before)  # called before the update
+    assert any(not torch.equal(p, before[n]) for n, p in adapter.params.items())

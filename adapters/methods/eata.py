@@ -89,13 +89,17 @@ class Eata(Adapter):
         return (weight * ent).mean() + self.fisher_penalty()
 
     def fisher_penalty(self) -> torch.Tensor | float:
-        """alpha * sum_i F_i (theta_i - theta0_i)^2; zero without Fisher information."""
+        """alpha * sum_i F_i (theta_i - theta0_i)^2; zero without Fisher information.
+
+        Over all parameters at once (foreach ops): a few tensor operations instead of three per parameter,
+        each of which waits for the GIL again when the server's event loop is busy.
+        """
         if self.fisher is None or self.options.fisher_alpha == 0:
             return 0.0
-        total = sum(
-            (self.fisher[n] * (p - self.source_params[n]) ** 2).sum() for n, p in self.params.items()
-        )
-        return self.options.fisher_alpha * total
+        names = list(self.params)
+        diffs = torch._foreach_sub([self.params[n] for n in names], [self.source_params[n] for n in names])
+        weighted = torch._foreach_mul(torch._foreach_mul(diffs, diffs), [self.fisher[n] for n in names])
+        return self.options.fisher_alpha * torch.cat([w.reshape(-1) for w in weighted]).sum()
 
     def after_update(self, probs: torch.Tensor) -> None:
         self.prob_cache.update(probs.mean(0), self.options.ma_momentum)
