@@ -6,7 +6,9 @@ Serves CIFAR ResNet-20 (32x32 inputs, micro-batches up to 64, the server's defau
 and thread count) in a ``tta-serve serve`` subprocess, drives it with N concurrent one-image
 clients sending CIFAR-10 test images (binary FP32 NCHW, the Triton client's default encoding) over
 kept-alive connections for a fixed time, and reports images/s, its ratio to the plain forward pass
-(NCHW, batch 32, measured first in this process with ``--threads``) and p50/p95/p99 latency.
+(NCHW, batch 32, ``--threads``, re-measured in a fresh process just before each row while the server idles,
+with glibc's default allocator thresholds and with the server's tuned ones), p50/p95/p99 latency and,
+once ``off`` was measured, each p50 against off's at the same clients.
 Loopback only, bounded in time. Results go to a table and, with ``--json``, a file.
 """
 
@@ -56,6 +58,26 @@ def plain_forward(weights: Path, batch: int, seconds: float, channels_last: bool
             model(x)
             done += batch
     return done / (time.perf_counter() - start)
+
+
+def plain_in_fresh_process(weights: Path, seconds: float, threads: int, tuned_allocator: bool) -> float:
+    """:func:`plain_forward` (NCHW, batch 32) in a new interpreter: the reference must not inherit this
+    process's heap. In a fresh process glibc's default thresholds page-fault every batch's activations in
+    again (the state the issue's 858 img/s was measured in); ``tuned_allocator`` applies the server's own
+    thresholds first (service/allocator.py), the fastest plain forward pass found here."""
+    code = (
+        "import sys, torch\n"
+        "from pathlib import Path\n"
+        "from service.allocator import tune_allocator\n"
+        "from loadtest.server_throughput import plain_forward\n"
+        "if sys.argv[3] == '1':\n"
+        "    tune_allocator()\n"
+        "torch.set_num_threads(int(sys.argv[2]))\n"
+        "print(plain_forward(Path(sys.argv[1]), 32, float(sys.argv[4]), channels_last=False))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(weights), str(threads), "1" if tuned_allocator else "0",
+                          str(seconds)], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def write_config(folder: Path, mode: str, weights: Path, max_batch: int, max_delay_ms: float | None,
@@ -172,17 +194,12 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the plain forward pass")
     parser.add_argument("--server-threads", type=int, help="TTA_THREADS of the server (default: the server's "
-                        "own default, one per core less one)")
+                        "own: every core with a sync-adapting model, else one per core less one)")
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--max-delay-ms", type=float, help="the server's max_delay_ms (default: the server's, 0)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     console = Console()
-    torch.set_num_threads(args.threads)
-    plain = plain_forward(args.weights, 32, args.duration / 2, channels_last=False)
-    plain_cl = plain_forward(args.weights, 32, args.duration / 2, channels_last=True)
-    console.print(f"plain forward, batch 32, {args.threads} threads: {plain:.0f} img/s "
-                  f"({plain_cl:.0f} with channels_last)")
     requests = raw_requests(cifar_images(args.data), "resnet20")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -198,23 +215,37 @@ def main() -> None:
                 wait_ready(f"http://127.0.0.1:{port}", proc)
                 run_loop(drive(port, 8, 2.0, requests))  # warm-up
                 for clients in (int(c) for c in args.clients.split(",")):
+                    # The references are re-measured next to each row (the server idles meanwhile): on a shared
+                    # machine the plain forward pass itself varies by 30 % from one minute to the next.
+                    default, tuned = (plain_in_fresh_process(args.weights, args.duration / 4, args.threads, t)
+                                      for t in (False, True))
                     result = run_loop(drive(port, clients, args.duration, requests))
-                    rows.append({"mode": mode, "clients": clients, **result,
-                                 "ratio_to_plain": result["images_per_second"] / plain})
+                    rows.append({"mode": mode, "clients": clients, **result, "plain_default_allocator": default,
+                                 "plain_tuned_allocator": tuned,
+                                 "ratio_to_plain": result["images_per_second"] / default,
+                                 "ratio_to_tuned_plain": result["images_per_second"] / tuned})
                     console.print(rows[-1])
             finally:
                 proc.terminate()
                 proc.wait(timeout=30)
-    table = Table(title=f"tta-serve, ResNet-20, one-image clients, plain forward {plain:.0f} img/s (batch 32)")
-    for col in ("adaptation", "clients", "img/s", "x plain", "p50 ms", "p95 ms", "p99 ms", "errors"):
+    table = Table(title="tta-serve, ResNet-20, one-image clients; plain: a forward pass (NCHW, batch 32, "
+                  f"{args.threads} threads) in a fresh process just before the row, with glibc's default "
+                  "allocator thresholds and with the server's")
+    columns = ("adaptation", "clients", "img/s", "plain", "x plain", "plain tuned", "x tuned", "p50 ms", "p50 / off",
+               "p95 ms", "p99 ms", "errors")
+    for col in columns:
         table.add_column(col, justify="right")
+    off_p50 = {r["clients"]: r["p50_ms"] for r in rows if r["mode"] == "off"}
     for r in rows:
-        table.add_row(r["mode"], str(r["clients"]), f"{r['images_per_second']:.0f}", f"{r['ratio_to_plain']:.2f}",
-                      f"{r['p50_ms']:.1f}", f"{r['p95_ms']:.1f}", f"{r['p99_ms']:.1f}", str(r["errors"]))
+        r["p50_vs_off"] = r["p50_ms"] / off_p50[r["clients"]] if r["clients"] in off_p50 else None
+        table.add_row(r["mode"], str(r["clients"]), f"{r['images_per_second']:.0f}",
+                      f"{r['plain_default_allocator']:.0f}", f"{r['ratio_to_plain']:.2f}",
+                      f"{r['plain_tuned_allocator']:.0f}", f"{r['ratio_to_tuned_plain']:.2f}", f"{r['p50_ms']:.1f}",
+                      "" if r["p50_vs_off"] is None else f"{r['p50_vs_off']:.2f}", f"{r['p95_ms']:.1f}",
+                      f"{r['p99_ms']:.1f}", str(r["errors"]))
     console.print(table)
     if args.json:
-        args.json.write_text(json.dumps({"plain_forward": plain, "plain_forward_channels_last": plain_cl,
-                                         "threads": args.threads, "server_threads": args.server_threads,
+        args.json.write_text(json.dumps({"threads": args.threads, "server_threads": args.server_threads,
                                          "max_delay_ms": args.max_delay_ms, "rows": rows}, indent=2))
 
 

@@ -159,8 +159,12 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = Field(None, description="bearer token required by admin routes")
     device: str = Field("auto", description="'auto' (cuda when available), 'cpu', 'cuda' or 'cuda:N'")
     threads: int | None = Field(
-        None, ge=1, description="torch intra-op threads; default: one per CPU core less one, which is left to the "
-        "HTTP event loop (docs/benchmarks.md: on 2 cores, 1 model thread serves more than 2)"
+        None, ge=1, description="torch intra-op threads; default: every core when a model adapts in sync mode "
+        "(its steps are compute-bound), else one per core less one, left to the HTTP event loop (docs/serving.md)"
+    )
+    tune_allocator: bool = Field(
+        True, description="raise glibc's mmap and trim thresholds at start-up so tensor-sized allocations stay in "
+        "the heap instead of page-faulting on every batch (service/allocator.py; no effect off glibc)"
     )
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="largest accepted request body")
     max_image_pixels: int = Field(4096 * 4096, ge=1, description="largest decoded image (width x height)")
