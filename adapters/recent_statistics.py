@@ -39,6 +39,7 @@ class RecentBatchStatistics:
         self.updates = 0  # forward passes recorded
         self.served_since_update = 0  # images normalised with the averages since the last recorded pass
         self._applying = False
+        self._tracing = False
         self._factor = 0.0  # the layers' momentum now
         for layer, mean, var in zip(self.layers, self.mean, self.var, strict=True):
             # The layer's own buffers (the source statistics) are replaced: batch mode never reads them.
@@ -53,15 +54,42 @@ class RecentBatchStatistics:
     def _before_pass(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
         """Set how much this forward pass moves the averages: all the way on the first recorded pass,
         ``momentum`` on later large ones, not at all on small batches or inside :meth:`applied`."""
+        if self._tracing:
+            return
         record = not self._applying and bool(args) and args[0].shape[0] >= self.min_batch
-        factor = (1.0 if self.updates == 0 else self.momentum) if record else 0.0
+        self._set_factor((1.0 if self.updates == 0 else self.momentum) if record else 0.0)
+        if record:
+            self.recorded()
+
+    def _set_factor(self, factor: float) -> None:
         if factor != self._factor:
             for layer in self.layers:
                 layer.momentum = factor
             self._factor = factor
-        if record:
-            self.updates += 1
-            self.served_since_update = 0
+
+    def recorded(self) -> None:
+        """Count a large pass that updated the averages (a traced graph's passes do not run the hook)."""
+        self.updates += 1
+        self.served_since_update = 0
+
+    @contextmanager
+    def tracing(self) -> Iterator[None]:
+        """Trace inside to get a batch-mode graph that records like a later large pass: a traced graph keeps
+        the layers' momentum as a constant, so it is set to ``momentum`` here. Tracing runs example inputs
+        through the model: the averages and counters are restored afterwards. Use the graph only for
+        batches of at least ``min_batch`` once :attr:`updates` > 0, and call :meth:`recorded` after each."""
+        saved = [(mean.clone(), var.clone()) for mean, var in zip(self.mean, self.var, strict=True)]
+        counters = self.updates, self.served_since_update
+        self._set_factor(self.momentum)
+        self._tracing = True
+        try:
+            yield
+        finally:
+            self._tracing = False
+            for (mean, var), (old_mean, old_var) in zip(zip(self.mean, self.var, strict=True), saved, strict=True):
+                mean.copy_(old_mean)
+                var.copy_(old_var)
+            self.updates, self.served_since_update = counters
 
     def ready(self, max_served: int) -> bool:
         """Whether every layer has averages, recorded before at most ``max_served`` small-batch images."""

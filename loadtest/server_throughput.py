@@ -199,7 +199,7 @@ def main() -> None:
     parser.add_argument("--max-delay-ms", type=float, help="the server's max_delay_ms (default: the server's, 0)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    console = Console()
+    console = Console(width=200)
     requests = raw_requests(cifar_images(args.data), "resnet20")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

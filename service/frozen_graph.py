@@ -68,6 +68,9 @@ def _checked_graph(
             # TorchScript is deprecated in favour of torch.compile, which needs a C++ toolchain at run time
             # and compiles per shape; a traced graph is the portable way to drop the GIL for a forward.
             warnings.simplefilter("ignore", DeprecationWarning)
+            # Tracer warnings (e.g. batch norm's batch-size check becoming a constant) are what the output check
+            # below decides on; a wrong graph is logged there with its reason.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
             graph = torch.jit.trace(module, example(_TRACE_BATCH), check_trace=False)
             if freeze:
                 graph = torch.jit.freeze(graph)

@@ -51,12 +51,16 @@ class BatchPolicy:
     their time so far stays within that share of the elapsed time (with a burst of ``_ADAPT_BURST_S``
     after idle time). Without it, a busy model starts a step in every short gap between requests and
     the requests arriving during the step wait for all of it.
+
+    ``adapt_min_share`` > 0 reserves that share of the thread's time for adaptation even while requests
+    wait (a second bucket): without it a saturated model never adapts, since some request always waits.
     """
 
     max_batch: int
     max_delay_s: float
     wait_from_free: bool = False
     adapt_share: float = 1.0  # most of the thread's time adaptation jobs may take (1: whenever no request waits)
+    adapt_min_share: float = 0.0  # share adaptation jobs get even while requests wait
 
 
 class ModelWorker:
@@ -77,6 +81,7 @@ class ModelWorker:
         self._counter = itertools.count()
         self._stopping = False
         self._adapt_credit = _ADAPT_BURST_S  # seconds of adaptation the budget allows now
+        self._reserved_credit = 0.0  # seconds of adaptation owed even while requests wait
         self._credit_at = time.perf_counter()
         self._thread = threading.Thread(target=self._run, name=f"tta-worker-{name}", daemon=True)
         self._thread.start()
@@ -140,7 +145,9 @@ class ModelWorker:
                         future.set_exception(exc)
                 if priority == ADAPT:
                     with self._cond:
-                        self._adapt_credit -= time.perf_counter() - started
+                        spent = time.perf_counter() - started
+                        self._adapt_credit -= spent
+                        self._reserved_credit -= spent
             free_since = time.perf_counter()
 
     def _next(self, free_since: float) -> tuple[tuple | None, list[Any] | None]:
@@ -148,6 +155,8 @@ class ModelWorker:
         policy = self._policy
         while True:
             if self._jobs and self._jobs[0][0] == PREDICT:
+                return heapq.heappop(self._jobs), None
+            if self._requests and self._jobs and self._jobs[0][0] == ADAPT and self._reserved_share_due():
                 return heapq.heappop(self._jobs), None
             if self._requests:
                 start = self._requests[0].enqueued
@@ -166,15 +175,27 @@ class ModelWorker:
                 continue
             self._cond.wait()
 
+    def _accrue(self) -> None:
+        """Add the budget earned since the last call to both buckets. Holds the lock."""
+        now = time.perf_counter()
+        elapsed, self._credit_at = now - self._credit_at, now
+        self._adapt_credit = min(_ADAPT_BURST_S, self._adapt_credit + self._policy.adapt_share * elapsed)
+        self._reserved_credit = min(_ADAPT_BURST_S, self._reserved_credit + self._policy.adapt_min_share * elapsed)
+
     def _adapt_wait(self) -> float:
         """Seconds until the adaptation budget allows the next job (0: now). Holds the lock."""
         share = self._policy.adapt_share
         if share >= 1 or self._stopping:
             return 0.0
-        now = time.perf_counter()
-        self._adapt_credit = min(_ADAPT_BURST_S, self._adapt_credit + share * (now - self._credit_at))
-        self._credit_at = now
+        self._accrue()
         return 0.0 if self._adapt_credit > 0 else -self._adapt_credit / share
+
+    def _reserved_share_due(self) -> bool:
+        """Whether an adaptation job runs ahead of waiting requests now (its reserved share). Holds the lock."""
+        if self._policy.adapt_min_share <= 0 or self._stopping:
+            return False
+        self._accrue()
+        return self._reserved_credit > 0
 
     def _take_batch(self) -> list[Any]:
         """The oldest requests that fit in ``max_batch`` images (always at least one)."""

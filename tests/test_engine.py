@@ -264,3 +264,23 @@ def test_a_step_reports_its_prediction_before_the_weights_move():
     assert torch.equal(seen["logits"], result.logits) and torch.equal(seen["selected"], result.selected)
     assert all(torch.equal(seen["params"][n], before[n]) for n in before)  # called before the update
     assert any(not torch.equal(p, before[n]) for n, p in adapter.params.items())
+
+
+def test_large_no_gradient_batches_are_answered_by_a_traced_batch_graph_that_keeps_recording_statistics():
+    async def scenario():  # norm: batch statistics without updates, so the weights hold still between answers
+        engine = await started(make_engine(method="norm", mode="async", min_adapt_batch=8))
+        await engine.predict(images(16))  # the first recorded pass runs eagerly
+        recent = engine._recent_stats
+        assert recent is not None
+        updates = recent.updates
+        x = images(16, seed=5)
+        served = torch.stack([p.probabilities for p in await engine.predict(x)])
+        graph_used = engine._batch_graph_module is not None
+        recorded = recent.updates - updates
+        eager = await engine.run_on_worker(lambda: engine.adapter.predict(x).softmax(1))
+        await engine.stop()
+        return served, eager, graph_used, recorded
+
+    served, eager, graph_used, recorded = run(scenario())
+    assert graph_used and recorded >= 1
+    torch.testing.assert_close(served, eager, atol=1e-5, rtol=1e-4)

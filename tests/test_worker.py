@@ -97,3 +97,27 @@ def test_a_failing_batch_does_not_stop_the_worker():
     worker.put_request(Req(1))
     worker.stop()
     assert calls == [1, 1]
+
+
+def test_a_saturated_model_still_adapts_within_its_reserved_share():
+    def order_of_adaptation(min_share: float) -> int:
+        """How many batches were served before the adaptation job ran, with 50 one-image batches waiting."""
+        policy = BatchPolicy(max_batch=1, max_delay_s=0.0, adapt_share=0.5, adapt_min_share=min_share)
+        worker, recorder, release = blocked_worker(policy)
+        slow_serve = recorder.serve
+
+        def serve(batch: list[Req]) -> None:
+            time.sleep(0.002)  # every batch takes time, so the reserved budget accrues
+            slow_serve(batch)
+
+        worker._serve_batch = serve
+        for i in range(50):
+            worker.put_request(Req(1, f"r{i}"))
+        done = worker.submit(recorder.job("adapt"), ADAPT)
+        release.set()
+        done.result(10)
+        worker.stop()  # stopping serves what still waits
+        return recorder.events.index("adapt")
+
+    assert order_of_adaptation(0.0) == 50  # spare capacity only: after every waiting request
+    assert order_of_adaptation(0.2) < 50  # reserved share: ahead of requests that still wait
