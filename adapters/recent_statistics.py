@@ -40,6 +40,7 @@ class RecentBatchStatistics:
         self.served_since_update = 0  # images normalised with the averages since the last recorded pass
         self._applying = False
         self._tracing = False
+        self._paused = False
         self._factor = 0.0  # the layers' momentum now
         for layer, mean, var in zip(self.layers, self.mean, self.var, strict=True):
             # The layer's own buffers (the source statistics) are replaced: batch mode never reads them.
@@ -56,7 +57,7 @@ class RecentBatchStatistics:
         ``momentum`` on later large ones, not at all on small batches or inside :meth:`applied`."""
         if self._tracing:
             return
-        record = not self._applying and bool(args) and args[0].shape[0] >= self.min_batch
+        record = not (self._applying or self._paused) and bool(args) and args[0].shape[0] >= self.min_batch
         self._set_factor((1.0 if self.updates == 0 else self.momentum) if record else 0.0)
         if record:
             self.recorded()
@@ -108,6 +109,16 @@ class RecentBatchStatistics:
             for layer, training in zip(self.layers, saved, strict=True):
                 layer.training = training
             self._applying = False
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Inside, large passes leave the averages alone: for inputs that are not the served traffic (a
+        labelled probe set), whose statistics would otherwise normalise the next small batches."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
 
     def clear(self) -> None:
         for mean, var in zip(self.mean, self.var, strict=True):

@@ -113,10 +113,9 @@ def _all_finite(images: torch.Tensor) -> bool:
 
 def batch_policy(config: ModelConfig) -> BatchPolicy:
     """Batching for ``config`` (the ``max_delay_ms`` field explains the two policies)."""
-    in_async = config.mode == "async"
+    share = config.adapt_time_share if config.mode == "async" else 1.0
     return BatchPolicy(config.max_batch_size, config.max_delay_ms / 1000, wait_from_free=config.adapts_in_sync,
-                       adapt_share=config.adapt_time_share if in_async else 1.0,
-                       adapt_min_share=min(config.adapt_min_share, config.adapt_time_share) if in_async else 0.0)
+                       adapt_share=share, adapt_min_share=min(config.adapt_min_share, share))
 
 
 def _deliver(batch: list[_Pending], outcome: list[Prediction] | Exception) -> None:
@@ -583,8 +582,13 @@ class ModelEngine:
         if probe is None:
             return None
 
+        def count_correct(model: adapters.Adapter, x: torch.Tensor, y: torch.Tensor) -> int:
+            recent = self._recent_stats
+            with recent.paused() if recent is not None else contextlib.nullcontext():  # not served traffic
+                return probe.correct(model.predict(x), y)
+
         async def correct(model: adapters.Adapter, x: torch.Tensor, y: torch.Tensor) -> int:
-            return await asyncio.wrap_future(self._worker.submit(lambda: probe.correct(model.predict(x), y), ADAPT))
+            return await asyncio.wrap_future(self._worker.submit(lambda: count_correct(model, x, y), ADAPT))
 
         chunks = probe.chunks(self.config.max_batch_size)
         n = probe.labels.shape[0]

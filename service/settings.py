@@ -73,8 +73,10 @@ class ModelConfig(BaseModel):
         "and counted when the queue is full"
     )
     adapt_min_share: float = Field(
-        0.1, ge=0, le=1, description="async mode: share of the model thread's time adaptation steps get even while "
-        "requests wait, so a saturated model still adapts (0: only on spare capacity); at most adapt_time_share"
+        0.1, ge=0, le=1, description="share of the model thread's time that queued background work (async "
+        "adaptation steps, steps on accumulated small batches, probe evaluations) gets even while requests wait, "
+        "so a saturated model still adapts and its forgetting probe stays current (0: only on spare capacity); at "
+        "most adapt_time_share"
     )
     max_images_per_request: int = Field(64, ge=1)
     collapse_guard: bool = Field(True, description="reset on collapse signals (library default is off)")

@@ -284,3 +284,21 @@ def test_large_no_gradient_batches_are_answered_by_a_traced_batch_graph_that_kee
     served, eager, graph_used, recorded = run(scenario())
     assert graph_used and recorded >= 1
     torch.testing.assert_close(served, eager, atol=1e-5, rtol=1e-4)
+
+
+def test_a_probe_evaluation_does_not_change_the_statistics_small_batches_are_normalised_with():
+    from service.health import ProbeSet
+
+    async def scenario():
+        engine = await started(make_engine(method="norm", min_adapt_batch=8))
+        engine.probe = ProbeSet(images(32, seed=3) + 4.0, torch.zeros(32, dtype=torch.long))  # unlike the traffic
+        await engine.predict(images(16))
+        x = images(1, seed=4)
+        before = (await engine.predict(x))[0].probabilities
+        await engine.evaluate_probe()
+        after = (await engine.predict(x))[0].probabilities
+        await engine.stop()
+        return before, after
+
+    before, after = run(scenario())
+    torch.testing.assert_close(after, before)

@@ -55,3 +55,15 @@ def test_averages_go_stale_after_many_small_batch_images():
     with torch.no_grad():
         model(torch.rand(8, 3, 8, 8))  # used since the last record: this pass records
     assert recent.ready(max_served=64) and recent.updates == 2
+
+
+def test_paused_passes_leave_the_averages_alone():
+    model = adapting_model()
+    recent = RecentBatchStatistics(model, min_batch=8)
+    with torch.no_grad():
+        model(torch.rand(8, 3, 8, 8))
+        means = [m.clone() for m in recent.mean]
+        with recent.paused():
+            model(torch.rand(8, 3, 8, 8) + 5.0)  # a probe set, say: not the traffic being served
+    assert recent.updates == 1
+    assert all(torch.equal(a, b) for a, b in zip(means, recent.mean, strict=True))
