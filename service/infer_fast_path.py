@@ -63,7 +63,8 @@ class InferFastPath:
             return
         header_length = headers.get(_HEADER_LENGTH)
         try:
-            response = await run_inference(engine, body, None if header_length is None else header_length.decode())
+            response = await run_inference(engine, body, None if header_length is None else header_length.decode(),
+                                           state.settings.max_json_body_bytes)
         except (ApiError, InvalidInput):  # a bad request, refused before the model saw it
             await self.app(scope, _replay(body), send)
             return

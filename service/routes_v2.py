@@ -238,10 +238,10 @@ _INFER_BODY = {
 )
 async def infer(request: Request, engine: ReadyEngine, settings: AppSettings) -> Response:
     body = decode_content(await request.body(), request.headers.get("content-encoding"), settings.max_body_bytes)
-    return await run_inference(engine, body, request.headers.get(HEADER_LENGTH))
+    return await run_inference(engine, body, request.headers.get(HEADER_LENGTH), settings.max_json_body_bytes)
 
 
-async def run_inference(engine: ModelEngine, body: bytes, header_length: str | None) -> Response:
+async def run_inference(engine: ModelEngine, body: bytes, header_length: str | None, max_json: int) -> Response:
     """Parse an infer body (JSON, or JSON header + binary tensors), predict and format the answer.
 
     Raises :class:`ApiError` or :class:`InvalidInput` for a bad request, always before the request reaches
@@ -249,6 +249,10 @@ async def run_inference(engine: ModelEngine, body: bytes, header_length: str | N
     model's batch.
     """
     header, binary = split_binary_body(body, header_length)
+    if len(header) > max_json:  # refused before parsing: JSON numbers cost ~18x their text in memory
+        raise ApiError(413, f"the JSON part of the request has {len(header)} bytes; the limit is {max_json} "
+                       f"(max_json_body_bytes). Send the tensors as binary data ({HEADER_LENGTH}), as the Triton "
+                       "client does by default")
     try:
         req = InferRequest.model_validate_json(header)
     except ValidationError as exc:

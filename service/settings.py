@@ -173,6 +173,10 @@ class Settings(BaseSettings):
         "the heap instead of page-faulting on every batch (service/allocator.py; no effect off glibc)"
     )
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="largest accepted request body")
+    max_json_body_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, description="largest JSON part of a v2 inference request: JSON numbers cost "
+        "about 18x their text in memory while parsed (binary tensors cost nothing extra; send those instead)"
+    )
     max_image_pixels: int = Field(4096 * 4096, ge=1, description="largest decoded image (width x height)")
     feedback_window: int = Field(1000, ge=1, description="labelled predictions in the online accuracy/ECE window")
     prediction_memory: int = Field(100_000, ge=1, description="recent request ids kept for delayed feedback")

@@ -250,6 +250,21 @@ def test_v2_nan_inf_and_malformed_bodies(client, digits):
 
 
 # ------------------------------------------------------------------------------------ limits
+def test_json_inference_bodies_have_their_own_smaller_limit_and_binary_ones_do_not(settings, client):
+    max_json = 256 * 1024
+    x = np.full((8, 3, 32, 32), 0.123456789, np.float32)  # about 100 KB as binary, 300 KB as JSON text
+    body = json.dumps(v2_json(x, "FP32"))
+    assert max_json < len(body) < MAX_BODY
+    with TestClient(create_app(settings.model_copy(update={"max_json_body_bytes": max_json}))) as small:
+        r = small.post("/v2/models/digits/infer", content=body, headers={"Content-Type": "application/json"})
+        assert r.status_code == 413
+        assert f"the limit is {max_json} (max_json_body_bytes)" in error_of(r) and "binary" in error_of(r)
+        content, headers = v2_binary(x, "FP32")
+        assert small.post("/v2/models/digits/infer", content=content, headers=headers).status_code == 200
+    assert client.post("/v2/models/digits/infer", content=body, headers={"Content-Type": "application/json"}) \
+        .status_code == 200  # under the default limit
+
+
 def test_body_over_the_limit_is_413_declared_or_chunked(client):
     big = b"0" * (MAX_BODY + 1)
     r = client.post("/v2/models/digits/infer", content=big, headers={"Content-Type": "application/json"})
