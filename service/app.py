@@ -208,13 +208,37 @@ def create_app(
     return app
 
 
+_ERROR_SCHEMA = {
+    "title": "Error",
+    "type": "object",
+    "properties": {"error": {"type": "string", "description": "what is wrong"}},
+    "required": ["error"],
+}
+_ERROR_RESPONSES = {
+    "4XX": "the request is refused; the message names the problem (docs/api.md lists the statuses)",
+    "5XX": "models still loading or not ready (503), shared state store down (503), or an internal error (500)",
+}
+
+
 def _openapi(app: FastAPI) -> dict[str, Any]:
-    """The generated schema plus the request bodies the v1/v2 routes parse themselves."""
+    """The generated schema plus the request bodies the v1/v2 routes parse themselves, and the error
+    answers every operation can give: all ``{"error": ...}`` (FastAPI documents only its own 422 shape)."""
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         components.update(routes_v2.openapi_schemas())
         components["PredictJSON"] = routes_v1.PredictJSON.model_json_schema()
+        components["Error"] = _ERROR_SCHEMA
+        error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                responses = operation.setdefault("responses", {})
+                if "422" in responses:
+                    responses["422"] = {"description": "a field of the request is invalid", "content": error}
+                for status, description in _ERROR_RESPONSES.items():
+                    responses.setdefault(status, {"description": description, "content": error})
+        for unused in ("HTTPValidationError", "ValidationError"):
+            components.pop(unused, None)
         app.openapi_schema = schema
     return app.openapi_schema
 

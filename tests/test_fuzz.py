@@ -45,7 +45,8 @@ except ImportError:  # a dev dependency: required under CI, skipped in a bare ch
 TOKEN = "fuzz-admin-token"
 MODEL = "digits"
 EXAMPLES = int(os.environ.get("TTA_FUZZ_EXAMPLES", "25"))
-CHECKS = [st_checks.not_a_server_error, st_checks.response_schema_conformance, st_checks.content_type_conformance]
+CHECKS = [st_checks.not_a_server_error, st_checks.response_schema_conformance, st_checks.content_type_conformance,
+          st_checks.status_code_conformance]
 # Known gaps between the generated schema and the answers, reported upstream; remove when fixed.
 KNOWN_GAPS: dict[str, set[str]] = {}  # "METHOD /path": {check names} for documented schema gaps
 FUZZ_SETTINGS = settings(
