@@ -72,7 +72,7 @@ def build_registry(settings: Settings, observer: EngineObserver | None = None) -
     """Load every configured model and build its engine; raises ``ModelLoadError`` naming the model."""
     configure_torch(settings)
     device = resolve_device(settings.device)
-    connection = RedisConnection(settings.redis_url) if settings.redis_url else None
+    connection = RedisConnection(settings.redis_url.get_secret_value()) if settings.redis_url else None
     if connection is not None and not connection.check():
         log.error("redis at %s is down at start-up: serving from local state until it returns",
                   connection.display_url)

@@ -180,7 +180,9 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(4096 * 4096, ge=1, description="largest decoded image (width x height)")
     feedback_window: int = Field(1000, ge=1, description="labelled predictions in the online accuracy/ECE window")
     prediction_memory: int = Field(100_000, ge=1, description="recent request ids kept for delayed feedback")
-    redis_url: str | None = Field(None, description="shared state in Redis (moving average, snapshots, replicas)")
+    redis_url: SecretStr | None = Field(
+        None, description="shared state in Redis (moving average, snapshots, replicas); secret: it may hold a password"
+    )
     replica_id: str | None = Field(None, description="this replica's name in the leader lease (default host-pid)")
     lease_ttl_ms: int = Field(3000, ge=200, description="leader lease expiry; a follower takes over after it")
     sync_interval_ms: int = Field(500, ge=10, description="how often followers poll for newer parameters")

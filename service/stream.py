@@ -401,8 +401,8 @@ class StreamConsumer:
 # ---------------------------------------------------------------------------------------- running it
 def redis_url(settings: Settings | None = None) -> str:
     """``TTA_REDIS_URL`` (or a ``redis_url`` setting), else the local default."""
-    configured = getattr(settings, "redis_url", None) if settings is not None else None
-    return os.environ.get("TTA_REDIS_URL") or (str(configured) if configured else DEFAULT_REDIS_URL)
+    configured = settings.redis_url.get_secret_value() if settings is not None and settings.redis_url else None
+    return os.environ.get("TTA_REDIS_URL") or configured or DEFAULT_REDIS_URL
 
 
 async def run_stream(

@@ -298,3 +298,9 @@ def test_a_redis_password_never_appears_in_logs_or_responses(caplog):
                                                      "/v1/models/digits/adaptation", "/metrics")]
     assert not [b for b in bodies if secret in b], "a response shows the Redis password"
     assert secret not in caplog.text, "the log shows the Redis password"
+
+
+def test_the_redis_url_is_a_secret_in_the_settings():
+    settings = Settings(redis_url="redis://:hunter2@127.0.0.1:6379/0")
+    assert "hunter2" not in repr(settings) and "hunter2" not in settings.model_dump_json()
+    assert settings.redis_url is not None and "hunter2" in settings.redis_url.get_secret_value()
