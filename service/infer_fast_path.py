@@ -68,8 +68,11 @@ class InferFastPath:
         except (ApiError, InvalidInput):  # a bad request, refused before the model saw it
             await self.app(scope, _replay(body), send)
             return
-        except Exception as exc:  # the model's batch failed: as the app's own handler answers
-            response = internal_error_response("POST", scope["path"], exc)
+        except Exception as exc:
+            if not engine.ready:  # stopped meanwhile (nothing ran): the app answers 503
+                await self.app(scope, _replay(body), send)
+                return
+            response = internal_error_response("POST", scope["path"], exc)  # the model's batch failed
         await response(scope, receive, send)
         self.metrics.observe_request(_ROUTES[version is not None], "POST", response.status_code,
                                      time.perf_counter() - started)
