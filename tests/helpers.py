@@ -44,3 +44,20 @@ def no_norm_mlp(num_classes: int = 10) -> nn.Module:
 def images(n: int = 32, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.rand(n, 3, 8, 8, generator=g)
+
+
+class _Exploding(nn.Module):
+    """``small_bn_cnn`` that raises on a batch whose first pixel is exactly 1: a model fault on demand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = small_bn_cnn()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool((x[:, 0, 0, 0] == 1.0).any()):
+            raise RuntimeError("the model exploded")
+        return self.net(x)
+
+
+def exploding_cnn() -> nn.Module:
+    return _Exploding()

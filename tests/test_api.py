@@ -475,3 +475,20 @@ def test_service_metrics_registries_are_independent():
     a.observe_request("/x", "GET", 200, 0.01)
     a.on_reset("m", "manual")
     assert b"tta_requests_total{" in a.render() and b"tta_requests_total{" not in b.render()
+
+
+def test_a_model_fault_is_a_500_naming_only_its_type_and_the_server_keeps_serving():
+    settings = Settings(models=[ModelConfig(name="fragile", factory="helpers:exploding_cnn", input_size=(8, 8),
+                                            method="source", trace_source=False, classes=[str(i) for i in range(10)])])
+    with TestClient(create_app(settings)) as c:
+        x = np.full((1, 3, 8, 8), 0.5, np.float32)
+        content, headers = v2_binary(x, "FP32")
+        assert c.post("/v2/models/fragile/infer", content=content, headers=headers).status_code == 200
+        x[0, 0, 0, 0] = 1.0
+        content, headers = v2_binary(x, "FP32")
+        r = c.post("/v2/models/fragile/infer", content=content, headers=headers)
+        assert r.status_code == 500 and error_of(r) == "internal error: RuntimeError"  # no details leak
+        x[0, 0, 0, 0] = 0.5
+        content, headers = v2_binary(x, "FP32")
+        assert c.post("/v2/models/fragile/infer", content=content, headers=headers).status_code == 200
+        assert 'route="/v2/models/{name}/infer",status="500"} 1.0' in c.get("/metrics").text
