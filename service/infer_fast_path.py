@@ -61,10 +61,10 @@ class InferFastPath:
         body = await _read_body(receive)
         if body is None:  # the client went away
             return
-        header_length = headers.get(_HEADER_LENGTH)
+        raw_length = headers.get(_HEADER_LENGTH)
+        header_length = None if raw_length is None else raw_length.decode("latin-1")  # HTTP's header charset
         try:
-            response = await run_inference(engine, body, None if header_length is None else header_length.decode(),
-                                           state.settings.max_json_body_bytes)
+            response = await run_inference(engine, body, header_length, state.settings.max_json_body_bytes)
         except (ApiError, InvalidInput):  # a bad request, refused before the model saw it
             await self.app(scope, _replay(body), send)
             return

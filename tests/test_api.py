@@ -492,3 +492,11 @@ def test_a_model_fault_is_a_500_naming_only_its_type_and_the_server_keeps_servin
         content, headers = v2_binary(x, "FP32")
         assert c.post("/v2/models/fragile/infer", content=content, headers=headers).status_code == 200
         assert 'route="/v2/models/{name}/infer",status="500"} 1.0' in c.get("/metrics").text
+
+
+def test_a_non_ascii_binary_header_length_is_a_400(client, digits):
+    x, _ = digits
+    content, _ = v2_binary(x[:1])
+    r = client.post("/v2/models/digits/infer", content=content,
+                    headers={"Inference-Header-Content-Length": "1\xe9".encode("latin-1")})
+    assert r.status_code == 400 and "must be an integer" in error_of(r)
