@@ -333,8 +333,10 @@ class ModelEngine:
         try:
             self._run_batch(x, answer)
         except Exception as exc:  # an engine fault fails this batch's requests, not the server
-            log.exception("model %s: a batch of %d images failed", self.name, x.shape[0])
-            if not answered:  # a failed update after the answers went out fails no request
+            if answered:  # the update after the answers went out failed: no request fails
+                log.exception("model %s: the update on a batch of %d answered images failed", self.name, x.shape[0])
+            else:
+                log.exception("model %s: a batch of %d images failed", self.name, x.shape[0])
                 answer(exc)
 
     def _run_batch(self, x: torch.Tensor, answer: Callable[[list[Prediction]], None]) -> None:
