@@ -285,6 +285,7 @@ class LeaderLease:
     def __init__(self, connection: RedisConnection, model: str, replica_id: str, ttl_ms: int = 3000) -> None:
         self.connection = connection
         self.key = model_key(model, "leader")
+        self.request_key = model_key(model, "leader-request")
         self.replica_id = replica_id
         self.ttl_ms = ttl_ms
         self._renew = connection.client.register_script(_RENEW)
@@ -300,6 +301,16 @@ class LeaderLease:
     def holder(self) -> str | None:
         raw = self.connection.call(self.connection.client.get, self.key)
         return None if raw is None else raw.decode()
+
+    def request(self) -> None:
+        """Ask for the lease as a configured leader: a claim that lives one lease period unless renewed."""
+        self.connection.call(self.connection.client.set, self.request_key, self.replica_id, px=self.ttl_ms)
+
+    def requested_by(self) -> str | None:
+        """Another replica whose live claim asks for the lease, or None."""
+        raw = self.connection.call(self.connection.client.get, self.request_key)
+        claimant = None if raw is None else raw.decode()
+        return None if claimant == self.replica_id else claimant
 
     def release(self) -> None:
         self.connection.call(self._release, keys=[self.key], args=[self.replica_id])

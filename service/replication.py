@@ -10,8 +10,12 @@
 Leader and follower replicas compete for one lease key with an expiry: whoever holds it adapts. A
 follower waits two lease periods after start-up before competing, so a configured leader starting at
 the same time wins; when the leader dies its lease lapses and a follower takes over, starting from
-the last published state. Redis faults never fail requests: every replica keeps serving from its
-local state, reports the store as down, and re-synchronises when Redis returns.
+the last published state. A configured leader that does not hold the lease keeps a claim on it, which
+a follower holding the lease answers by publishing its state and handing the lease over; followers
+never compete while such a claim lives. So the ``leader`` role leads whenever it runs, also when it
+started (or restarted) after a follower had taken over. Redis faults never fail requests: every
+replica keeps serving from its local state, reports the store as down, and re-synchronises when Redis
+returns.
 """
 
 from __future__ import annotations
@@ -168,11 +172,23 @@ class Replica:
             pass  # logged by the connection; serving continues from local state
 
     async def _elect(self, engine: ModelEngine) -> None:
-        assert self.lease is not None
-        grace = self.role == "follower" and time.monotonic() - self._started < 2 * self.lease_ttl
-        if grace and not self.is_leader:
-            return
-        holds = await asyncio.to_thread(self.lease.acquire_or_renew)
+        lease = self.lease
+        assert lease is not None
+        if self.role == "leader" and not self.is_leader:
+            await asyncio.to_thread(lease.request)
+        elif self.role == "follower":
+            claimant = await asyncio.to_thread(lease.requested_by)
+            if claimant is not None:  # a configured leader is alive and asks: defer to it
+                if self.is_leader:
+                    await engine.run_on_worker(lambda: self.publish(engine))  # it continues from our state
+                    await asyncio.to_thread(lease.release)
+                    self.is_leader = False
+                    log.warning("model %s: replica %s handed the leader lease to the configured leader %s",
+                                self.model, self.replica_id, claimant)
+                return
+            if not self.is_leader and time.monotonic() - self._started < 2 * self.lease_ttl:
+                return  # start-up grace: a configured leader starting at the same time wins
+        holds = await asyncio.to_thread(lease.acquire_or_renew)
         if holds and not self.is_leader:
             await self._follow(engine)  # continue from the last published state
             self.is_leader = True

@@ -192,3 +192,33 @@ def test_versions_continue_above_what_replicas_hold_after_redis_loses_its_data()
         connection.client.delete(key)
     assert channel.publish({"params": {}}, at_least=72) == 73  # not 1: followers holding 72 must move on
     assert channel.publish({"params": {}}) == 74 and channel.latest_version() == 74
+
+
+def test_a_configured_leader_takes_the_lease_back_from_a_follower_that_led_alone(drifted):
+    model = unique()
+    x, _ = drifted
+
+    def replication(client) -> dict:
+        return client.get(f"/v1/models/{model}/adaptation").json()["replication"]
+
+    def wait_for(condition, what: str) -> None:
+        deadline = time.monotonic() + 15
+        while not condition():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.1)
+
+    follower_settings = settings_for(model, role="follower").model_copy(update={"replica_id": "f"})
+    leader_settings = settings_for(model, role="leader").model_copy(update={"replica_id": "l"})
+    with TestClient(create_app(follower_settings)) as follower:
+        wait_for(lambda: replication(follower)["is_leader"], "the lone follower never took the lease")
+        infer(follower, model, x[:32])  # adapts and publishes
+        published = replication(follower)["published_version"]
+        assert published > 0
+        with TestClient(create_app(leader_settings)) as leader:
+            wait_for(lambda: replication(leader)["is_leader"] and not replication(follower)["is_leader"],
+                     "the configured leader did not get the lease back")
+            assert replication(leader)["loaded_version"] >= published  # it continues from the follower's state
+            infer(leader, model, x[32:64])
+            new_version = replication(leader)["published_version"]
+            assert new_version > published
+            wait_for(lambda: replication(follower)["loaded_version"] >= new_version, "the follower did not follow")
