@@ -284,12 +284,15 @@ class Adapter:
         """Relative L2 distance of the adapted parameters from the source ones."""
         if not self.params:
             return 0.0
-        names = list(self.params)
         with torch.no_grad():  # foreach ops and one read-back: the server computes this after every update
-            diffs = torch._foreach_sub([self.params[n] for n in names], [self.source_params[n] for n in names])
-            num = float(torch.stack(torch._foreach_norm(diffs)).square().sum())
-            den = float(torch.stack(torch._foreach_norm([self.source_params[n] for n in names])).square().sum())
+            num = float(torch.stack(torch._foreach_norm(self.differences_from_source())).square().sum())
+            den = float(torch.stack(torch._foreach_norm(list(self.source_params.values()))).square().sum())
         return math.sqrt(num / max(den, 1e-12))
+
+    def differences_from_source(self) -> list[torch.Tensor]:
+        """``theta - theta0`` for each adapted parameter, in ``params`` order (foreach: one op for all;
+        differentiable when called with gradients on)."""
+        return torch._foreach_sub(list(self.params.values()), [self.source_params[n] for n in self.params])
 
     def adapted_parameters(self) -> dict[str, torch.Tensor]:
         """Detached copies of the parameters adaptation changes (small: norm affine only)."""

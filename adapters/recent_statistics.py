@@ -87,7 +87,7 @@ class RecentBatchStatistics:
             yield
         finally:
             self._tracing = False
-            for (mean, var), (old_mean, old_var) in zip(zip(self.mean, self.var, strict=True), saved, strict=True):
+            for mean, var, (old_mean, old_var) in zip(self.mean, self.var, saved, strict=True):
                 mean.copy_(old_mean)
                 var.copy_(old_var)
             self.updates, self.served_since_update = counters

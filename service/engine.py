@@ -403,7 +403,7 @@ class ModelEngine:
     def _predict_with_context(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         recent = self._recent_stats
-        if not self.adapter.uses_batch_statistics or n >= self.config.min_adapt_batch:
+        if n >= self.config.min_adapt_batch:  # (only batch-statistics methods come here)
             graph = self._batch_graph() if recent is None or recent.updates > 0 else None
             if graph is None:
                 return self.adapter.predict(x)

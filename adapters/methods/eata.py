@@ -96,9 +96,8 @@ class Eata(Adapter):
         """
         if self.fisher is None or self.options.fisher_alpha == 0:
             return 0.0
-        names = list(self.params)
-        diffs = torch._foreach_sub([self.params[n] for n in names], [self.source_params[n] for n in names])
-        weighted = torch._foreach_mul(torch._foreach_mul(diffs, diffs), [self.fisher[n] for n in names])
+        diffs = self.differences_from_source()
+        weighted = torch._foreach_mul(torch._foreach_mul(diffs, diffs), [self.fisher[n] for n in self.params])
         return self.options.fisher_alpha * torch.cat([w.reshape(-1) for w in weighted]).sum()
 
     def after_update(self, probs: torch.Tensor) -> None:
