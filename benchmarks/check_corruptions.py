@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from adapters.corruptions import CORRUPTIONS, corrupt
 from adapters.models import build_cifar_resnet
-from benchmarks.corruptions import CORRUPTIONS, corrupt
 from benchmarks.data import checkpoint_path, cifar10_test_path, load_npz, to_tensor
 
 # Frozen akamaster ResNet-20, error % at severity 5 on all 10,000 images of the original CIFAR-10-C.

@@ -6,7 +6,7 @@ corruption), score the *pre-update* predictions the adapter returns (error and E
 clean accuracy of the adapted model (forgetting). No CLI code lives here: ``benchmarks.cli`` parses
 arguments into a :class:`BenchConfig` and ``benchmarks.report`` formats the :class:`BenchResult`.
 
-Data comes either from a clean npz corrupted on the fly (``benchmarks.corruptions``, cached on disk)
+Data comes either from a clean npz corrupted on the fly (``adapters.corruptions``, cached on disk)
 or from a directory in the published CIFAR-10-C layout; see :func:`load_cifar10c`.
 """
 
@@ -138,7 +138,7 @@ def resolve_options(methods: Sequence[str], overrides: Mapping[str, Mapping[str,
 
 def resolve_corruptions(names: Sequence[str] | None) -> tuple[str, ...]:
     """The requested corruptions in the spec order (the stream order), refusing unknown names."""
-    from benchmarks.corruptions import CORRUPTIONS
+    from adapters.corruptions import CORRUPTIONS
 
     if names is None:
         return CORRUPTIONS
@@ -221,7 +221,7 @@ def load_streams(
             n: load_cifar10c(config.cifar10c_dir, n, config.severity, config.limit, config.cifar10c_severity_rows)
             for n in names
         }
-    from benchmarks.corruptions import corrupt_dataset
+    from adapters.corruptions import corrupt_dataset
 
     x, y = clean
     x, y = x[: config.limit], y[: config.limit]

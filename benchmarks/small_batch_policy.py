@@ -17,7 +17,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.corruptions import corrupt
+from adapters.corruptions import corrupt
 from benchmarks.data import checkpoint_path, cifar10_test_path
 from service.engine import ModelEngine
 from service.model_sources import load_model

@@ -17,7 +17,7 @@ import time
 import torch
 
 import adapters
-from benchmarks.corruptions import corrupt
+from adapters.corruptions import corrupt
 from benchmarks.data import checkpoint_path, cifar10_test_path, load_npz, to_tensor
 from benchmarks.runner import default_cache_dir, fisher_for, load_model
 

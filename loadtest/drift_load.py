@@ -21,7 +21,7 @@ cheapest encoding to produce), so the client costs less than the server it measu
 
 The stream is the built-in digits model's held-out split (no files needed), or with ``--model cifar``
 the shared CIFAR-10 test set and ResNet-20 (``benchmarks.data``). Segment ``s`` of the stream is the
-same images corrupted by ``benchmarks.corruptions.corrupt`` at ``--severity``; a run cycles through
+same images corrupted by ``adapters.corruptions.corrupt`` at ``--severity``; a run cycles through
 the segments in order for ``--duration`` seconds. Everything is bounded in time and loopback only.
 """
 
@@ -91,7 +91,7 @@ def load_images(model: str, limit: int) -> tuple[np.ndarray, np.ndarray]:
 def build_stream(model: str, segments: tuple[str, ...], severity: int, images_per_segment: int, batch: int,
                  limit: int = 2000, seed: int = 0) -> DriftStream:
     """The drifting stream: the images shuffled once, then corrupted per segment (same seed each time)."""
-    from benchmarks.corruptions import CORRUPTIONS, corrupt
+    from adapters.corruptions import CORRUPTIONS, corrupt
 
     unknown = [s for s in segments if s != "clean" and s not in CORRUPTIONS]
     if unknown:

@@ -83,7 +83,7 @@ def demo(
     seed: Annotated[int, typer.Option(help="random seed of the stream")] = 0,
 ) -> None:
     """Start the server and stream drifting digits through it: frozen vs adapting accuracy, live."""
-    from benchmarks.corruptions import CORRUPTIONS
+    from adapters.corruptions import CORRUPTIONS
     from service.demo import run_demo
 
     chosen = tuple(s.strip() for s in segments.split(",") if s.strip())

@@ -102,8 +102,8 @@ def drifting_stream(
     segments: tuple[str, ...], per_segment: int, seed: int
 ) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
     """Held-out digits, each segment under one corruption at severity 5 ('clean' = none)."""
+    from adapters.corruptions import corrupt
     from adapters.models.digits import digits_split
-    from benchmarks.corruptions import corrupt
 
     _, (x, y) = digits_split()
     rng = np.random.default_rng(seed)

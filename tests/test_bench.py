@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from adapters.corruptions import CORRUPTIONS, corrupt_dataset
 from benchmarks import report, runner
 from benchmarks.cli import parse_set_options, parse_value
-from benchmarks.corruptions import CORRUPTIONS, corrupt_dataset
 from benchmarks.data import cifar10_test_path
 from service.cli import app
 

@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from scipy import ndimage
 
+from adapters import corruptions
+from adapters.corruptions import CORRUPTIONS, corrupt, corrupt_dataset
 from adapters.models import build_cifar_resnet
-from benchmarks import corruptions
 from benchmarks.check_corruptions import REFERENCE_ERROR, error_rate
-from benchmarks.corruptions import CORRUPTIONS, corrupt, corrupt_dataset
 
 # Corruptions that draw nothing: the seed cannot change them.
 DETERMINISTIC = {"defocus_blur", "zoom_blur", "brightness", "contrast", "pixelate", "jpeg_compression"}
@@ -159,13 +160,42 @@ def test_brightness_matches_an_hsv_round_trip(images: np.ndarray) -> None:
 
 def test_frost_textures_are_read_once(images: np.ndarray) -> None:
     corrupt(images, "frost", 5)
-    before = corruptions._frost_textures.cache_info()
+    before = corruptions.frost_textures.cache_info()
     corrupt(images, "frost", 4)
-    after = corruptions._frost_textures.cache_info()
+    after = corruptions.frost_textures.cache_info()
     assert after.misses == before.misses and after.hits > before.hits
-    assert [t.shape[:2] for t in corruptions._frost_textures(str(corruptions.frost_dir()))] == [
+
+
+def test_shipped_frost_textures_are_the_published_ones_shrunk(shared: Path) -> None:
+    """The package's textures equal the published originals (shared/data/frost) shrunk as cv2 does."""
+    originals = shared / "data" / "frost"
+    names = ("frost1.png", "frost2.png", "frost3.png", "frost4.jpg", "frost5.jpg")
+    for shipped, name in zip(corruptions.frost_textures(), names, strict=True):
+        with Image.open(originals / name) as image:
+            np.testing.assert_array_equal(shipped, corruptions.shrink_frost_texture(image))
+    assert [t.shape[:2] for t in corruptions.frost_textures()] == [
         (120, 180), (63, 112), (63, 112), (70, 105), (99, 132),
     ]  # fmt: skip
+
+
+def test_altered_frost_texture_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A texture whose bytes differ from SHA256SUMS names itself instead of corrupting silently."""
+    from importlib import resources
+
+    shipped = resources.files("adapters.corruptions") / "frost"
+    copy = tmp_path / "adapters" / "corruptions" / "frost"
+    copy.mkdir(parents=True)
+    for name in (*corruptions.FROST_FILES, "SHA256SUMS"):
+        (copy / name).write_bytes((shipped / name).read_bytes())
+    (copy / "frost4.png").write_bytes((copy / "frost4.png").read_bytes() + b"tampered")
+    monkeypatch.setattr(resources, "files", lambda package: copy.parent)
+    corruptions.frost_textures.cache_clear()
+    try:
+        with pytest.raises(corruptions.AssetError, match=r"frost4\.png does not match its SHA-256"):
+            corruptions.frost_textures()
+    finally:
+        monkeypatch.undo()
+        corruptions.frost_textures.cache_clear()
 
 
 def test_corrupt_dataset_caches(images: np.ndarray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

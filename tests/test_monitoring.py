@@ -24,8 +24,8 @@ with warnings.catch_warnings():  # Starlette suggests httpx2 for its TestClient;
     from fastapi.testclient import TestClient
 
 import adapters
+from adapters.corruptions import corrupt
 from adapters.models.digits import digits_split
-from benchmarks.corruptions import corrupt
 from service.app import create_app
 from service.health import PredictionWindow, SourceAgreement
 from service.metrics import ServiceMetrics

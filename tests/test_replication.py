@@ -18,8 +18,8 @@ import torch
 from fastapi.testclient import TestClient
 from servers import RedisProcess, free_port, running_server
 
+from adapters.corruptions import corrupt
 from adapters.models.digits import digits_split
-from benchmarks.corruptions import corrupt
 from service.app import create_app
 from service.redis_state import ParameterChannel, RedisConnection, RedisProbabilityCache
 from service.settings import ModelConfig, Settings

@@ -1,7 +1,7 @@
 """The 15 CIFAR-10-C corruptions at severities 1-5, regenerated with numpy, scipy and Pillow.
 
-CIFAR-10-C (Hendrycks & Dietterich, ICLR 2019) is not reachable here, so the benchmarks rebuild it
-from the published generator's CIFAR parameters (``shared/spec/corruptions.md``). Every corruption
+CIFAR-10-C (Hendrycks & Dietterich, ICLR 2019) is rebuilt from the published generator's CIFAR
+parameters, so the benchmarks and the demo need no download. Every corruption
 works on a whole batch at once; only the random draws are made image by image, so that a batch and
 image-by-image calls give the same pixels.
 
@@ -9,6 +9,12 @@ Random streams: image ``i`` of a batch corrupted with seed ``s`` draws from
 ``np.random.default_rng([*s, i])``; a single image draws from ``np.random.default_rng([*s])`` (an int
 seed ``s`` counts as ``(s,)``). Hence ``corrupt(batch, name, k, seed=s)[i]`` equals
 ``corrupt(batch[i], name, k, seed=(*s, i))``, and a dataset's images never depend on how it is chunked.
+
+The frost corruption blends crops of five texture photographs. The published generator shrinks each
+to 0.2x before cropping; the package ships exactly those shrunk textures (``frost/``, 130 KB, with
+``SHA256SUMS`` checked on load), so frost needs no file from the user. They were derived from the
+published textures (Hendrycks & Dietterich, Apache-2.0; also inside the ``imagecorruptions`` package)
+by :func:`shrink_frost_texture`, and a test checks them against the originals.
 """
 
 from __future__ import annotations
@@ -19,13 +25,12 @@ import os
 import tempfile
 from collections.abc import Callable, Sequence
 from functools import lru_cache
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from scipy import ndimage
-
-from benchmarks.data import frost_dir
 
 CORRUPTIONS: tuple[str, ...] = (
     "gaussian_noise",
@@ -87,7 +92,8 @@ PARAMS: dict[str, tuple[tuple[float, ...], ...]] = {
     "jpeg_compression": ((80,), (65,), (58,), (50,), (40,)),  # JPEG quality
 }
 
-FROST_FILES = ("frost1.png", "frost2.png", "frost3.png", "frost4.jpg", "frost5.jpg")  # frost6 is never used
+# The shipped, shrunk textures; the published originals are frost1-3.png and frost4-5.jpg (frost6 is never used).
+FROST_FILES = ("frost1.png", "frost2.png", "frost3.png", "frost4.png", "frost5.png")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -218,24 +224,42 @@ def _plasma_fractal(uniforms: np.ndarray, decay: float) -> np.ndarray:
     return maps / maps.max(axis=(1, 2), keepdims=True)
 
 
-@lru_cache(maxsize=4)
-def _frost_textures(folder: str) -> tuple[np.ndarray, ...]:
-    """frost1..5 as RGB, shrunk to 0.2x the way the published cv2.resize(INTER_LINEAR) does it.
+class AssetError(RuntimeError):
+    """A file shipped with the package is missing or altered: the installation is broken."""
+
+
+def shrink_frost_texture(image: Image.Image) -> np.ndarray:
+    """A published frost texture as RGB, shrunk to 0.2x the way the published cv2.resize(INTER_LINEAR) does it.
 
     At an exact 1/5 scale, cv2's bilinear resize samples source pixel ``5*i + 2`` with weight 1 (no
-    anti-aliasing), so a strided slice reproduces it. Read once per folder and cached.
+    anti-aliasing), so a strided slice reproduces it. RGBA textures lose alpha, as with cv2.imread.
     """
+    rgb = np.asarray(image.convert("RGB"))
+    h, w = rgb.shape[:2]
+    return np.ascontiguousarray(rgb[2::5, 2::5][: round(h * 0.2), : round(w * 0.2)])
+
+
+@lru_cache(maxsize=1)
+def frost_textures() -> tuple[np.ndarray, ...]:
+    """The five shrunk frost textures shipped in the package, checked against ``frost/SHA256SUMS``."""
+    folder = resources.files(__name__) / "frost"
+    try:
+        listing = (folder / "SHA256SUMS").read_text()
+    except OSError as exc:
+        raise AssetError(f"frost/SHA256SUMS missing from the installed package ({exc}); reinstall tta-serve") from exc
+    sums = {name: digest for digest, name in (line.split() for line in listing.splitlines() if line.strip())}
     textures = []
     for name in FROST_FILES:
-        path = Path(folder) / name
-        if not path.is_file():
-            raise FileNotFoundError(f"frost texture {path} not found (set TTA_FROST_DIR or TTA_SHARED)")
-        with Image.open(path) as image:
-            rgb = np.asarray(image.convert("RGB"))  # RGBA textures: alpha dropped, as cv2.imread does
-        h, w = rgb.shape[:2]
-        small = np.ascontiguousarray(rgb[2::5, 2::5][: round(h * 0.2), : round(w * 0.2)])
-        small.flags.writeable = False
-        textures.append(small)
+        try:
+            data = (folder / name).read_bytes()
+        except OSError as exc:
+            raise AssetError(f"frost texture {name} missing from the installed package; reinstall tta-serve") from exc
+        if hashlib.sha256(data).hexdigest() != sums.get(name):
+            raise AssetError(f"frost texture {name} does not match its SHA-256 in SHA256SUMS; reinstall tta-serve")
+        with Image.open(io.BytesIO(data)) as image:
+            texture = np.asarray(image.convert("RGB"))
+        texture.flags.writeable = False
+        textures.append(texture)
     return tuple(textures)
 
 
@@ -350,7 +374,7 @@ def _snow(
 
 
 def _frost(x: np.ndarray, rngs: Rngs, image_weight: float, frost_weight: float) -> np.ndarray:
-    textures = _frost_textures(str(frost_dir()))
+    textures = frost_textures()
     crops = np.empty(x.shape, dtype=np.float64)
     for i, rng in enumerate(rngs):
         texture = textures[rng.integers(len(textures))]
