@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from adapters.corruptions import CORRUPTIONS, corrupt
+from adapters.datasets import load_npz, to_tensor
 from adapters.models import build_cifar_resnet
-from benchmarks.data import checkpoint_path, cifar10_test_path, load_npz, to_tensor
+from benchmarks.data import checkpoint_path, cifar10_test_path
 
 # Frozen akamaster ResNet-20, error % at severity 5 on all 10,000 images of the original CIFAR-10-C.
 REFERENCE_ERROR: dict[str, float] = {

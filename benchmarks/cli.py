@@ -79,7 +79,8 @@ def _split(text: str | None) -> tuple[str, ...] | None:
 def bench(
     model: Annotated[str, typer.Option(help="CIFAR ResNet: resnet20, resnet32, resnet44 or resnet56")] = "resnet20",
     weights: Annotated[
-        Path | None, typer.Option(help="checkpoint; default: the akamaster file in the shared models folder")
+        Path | None,
+        typer.Option(help="the model's akamaster checkpoint; default: $TTA_MODELS_DIR/<file> or $TTA_SHARED/models/"),
     ] = None,
     methods: Annotated[str, typer.Option(help="comma-separated adaptation methods, run in this order")] = (
         DEFAULT_METHODS
@@ -98,12 +99,17 @@ def bench(
         str | None, typer.Option(help="comma-separated subset of the 15 corruptions (run in spec order)")
     ] = None,
     clean_data: Annotated[
-        Path | None, typer.Option(help="clean npz (x uint8 NxHxWx3, y); default: shared cifar10_test.npz")
+        Path | None,
+        typer.Option(
+            help="the CIFAR-10 test set: an npz (x uint8 NxHxWx3, y), the official cifar-10-python.tar.gz or its "
+            "cifar-10-batches-py/ folder; default: $TTA_CIFAR10, or $TTA_SHARED/data/cifar10_test.npz"
+        ),
     ] = None,
     cifar10c_dir: Annotated[
         Path | None,
         typer.Option(
-            help="read <corruption>.npy + labels.npy (CIFAR-10-C layout) instead of corrupting on the fly; "
+            help="the published CIFAR-10-C folder (default: $TTA_CIFAR10C_DIR): read <corruption>.npy + labels.npy "
+            "instead of corrupting on the fly; "
             "a file of exactly 50,000 rows holds severities 1-5 in blocks of 10,000, any other row count is "
             "the requested severity alone"
         ),
@@ -130,7 +136,8 @@ def bench(
     """Benchmark test-time adaptation methods on CIFAR-10-C and print a table per method."""
     from adapters import AdapterConfigError
     from benchmarks import report, runner
-    from benchmarks.data import checkpoint_path, cifar10_test_path
+    from benchmarks.data import DataNotGiven, checkpoint_path, cifar10_test_path
+    from benchmarks.data import cifar10c_dir as cifar10c_folder
 
     overrides = parse_set_options(set_ or [])
     method_list = _split(methods) or ()
@@ -152,9 +159,16 @@ def bench(
         raise typer.BadParameter(
             f"unknown model {model!r}; choose one of {sorted(CIFAR_RESNETS)}", param_hint="--model"
         )
+    try:
+        clean_data = cifar10_test_path(clean_data)
+        weights = checkpoint_path(model, weights)
+        cifar10c_dir = cifar10c_folder(cifar10c_dir)
+    except DataNotGiven as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     config = runner.BenchConfig(
-        clean_data=clean_data or cifar10_test_path(),
-        weights=weights or checkpoint_path(model),
+        clean_data=clean_data,
+        weights=weights,
         model=model,
         methods=method_list,
         options=overrides,

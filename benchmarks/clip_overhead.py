@@ -143,6 +143,8 @@ def main() -> None:
 
     from benchmarks.data import checkpoint_path, shared_dir
 
+    shared = shared_dir()
+
     torch.set_num_threads(args.threads)
     machine = {"cpus": os.cpu_count(), "threads": args.threads, "processor": platform.processor() or platform.machine(),
                "torch": torch.__version__, "load_before": os.getloadavg()[0]}
@@ -151,7 +153,8 @@ def main() -> None:
     machine["onnxruntime"] = onnxruntime.__version__
     clip_rows, frozen_rows = [], []
     if args.only in (None, "clip"):
-        clip_rows = clip_overhead(args.threads, args.repeats, shared_dir() / "data" / "frost" / "frost1.png")
+        photo = shared / "data" / "frost" / "frost1.png" if shared else None
+        clip_rows = clip_overhead(args.threads, args.repeats, photo)
     if args.only in (None, "frozen"):
         frozen_rows = frozen_classifier(args.threads, args.repeats, checkpoint_path("resnet20"))
     machine["load_after"] = os.getloadavg()[0]

@@ -1,7 +1,7 @@
 """Turn a :class:`benchmarks.runner.BenchResult` into tables, a JSON file and an error plot.
 
 Tables are plain Markdown so they read the same in a terminal, a CI log and a pull request.
-matplotlib is optional: only ``--plot`` needs it.
+matplotlib is optional (the ``bench`` extra): only ``--plot`` needs it.
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ def load_json(path: Path) -> dict[str, Any]:
 def require_matplotlib() -> None:
     """Fail before a long run, not after it, when ``--plot`` cannot be honoured."""
     if importlib.util.find_spec("matplotlib") is None:
-        raise PlotUnavailableError("--plot needs matplotlib: pip install matplotlib")
+        raise PlotUnavailableError("--plot needs matplotlib, part of the bench extra: pip install 'tta-serve[bench]'")
 
 
 def plot_errors(result: BenchResult, path: Path) -> None:

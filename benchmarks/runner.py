@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 import adapters
+from adapters.datasets import DataFileError, load_images, to_tensor
 from adapters.models import CIFAR_RESNETS, build_cifar_resnet
-from benchmarks.data import load_npz, to_tensor
 
 Protocol = Literal["continual", "reset"]
 PROTOCOLS: tuple[str, ...] = ("continual", "reset")
@@ -154,8 +154,8 @@ def resolve_corruptions(names: Sequence[str] | None) -> tuple[str, ...]:
 def load_clean(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """The clean in-distribution set (Fisher data, clean accuracy, and the on-the-fly source)."""
     try:
-        return load_npz(path)
-    except (FileNotFoundError, ValueError) as exc:
+        return load_images(path)
+    except DataFileError as exc:
         raise BenchError(str(exc), "--clean-data") from None
 
 

@@ -18,7 +18,8 @@ import torch
 
 import adapters
 from adapters.corruptions import corrupt
-from benchmarks.data import checkpoint_path, cifar10_test_path, load_npz, to_tensor
+from adapters.datasets import load_npz, to_tensor
+from benchmarks.data import checkpoint_path, cifar10_test_path
 from benchmarks.runner import default_cache_dir, fisher_for, load_model
 
 VARIANTS: list[tuple[str, str, dict]] = [

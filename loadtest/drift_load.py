@@ -81,7 +81,8 @@ def load_images(model: str, limit: int) -> tuple[np.ndarray, np.ndarray]:
 
         _, (x, y) = digits_split()
     else:
-        from benchmarks.data import cifar10_test_path, load_npz
+        from adapters.datasets import load_npz
+        from benchmarks.data import cifar10_test_path
 
         x, y = load_npz(cifar10_test_path())
         x, y = x[-limit:], y[-limit:]

@@ -187,8 +187,9 @@ def cifar_images(path: Path, count: int = 1024) -> np.ndarray:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", type=Path, default=checkpoint_path("resnet20"))
-    parser.add_argument("--data", type=Path, default=cifar10_test_path(), help="images sent, and Fisher data")
+    parser.add_argument("--weights", type=Path, help="ResNet-20 checkpoint (default: $TTA_MODELS_DIR or $TTA_SHARED)")
+    parser.add_argument("--data", type=Path, help="CIFAR-10 npz: images sent, and Fisher data "
+                        "(default: $TTA_CIFAR10 or $TTA_SHARED)")
     parser.add_argument("--clients", default="1,8,32")
     parser.add_argument("--modes", default="off,off-onnx,sync,async", help=f"any of {', '.join(MODES)}")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
@@ -199,6 +200,8 @@ def main() -> None:
     parser.add_argument("--max-delay-ms", type=float, help="the server's max_delay_ms (default: the server's, 0)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    args.weights = checkpoint_path("resnet20", args.weights)
+    args.data = cifar10_test_path(args.data, "--data")
     console = Console(width=200)
     requests = raw_requests(cifar_images(args.data), "resnet20")
     rows = []

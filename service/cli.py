@@ -15,12 +15,40 @@ app = typer.Typer(
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"tta-serve {version('tta-serve')}")
+        except PackageNotFoundError:  # run from a checkout that was never installed
+            typer.echo("tta-serve (not installed: run 'pip install .')")
+        raise typer.Exit()
+
+
 @app.callback()
-def _main() -> None:
+def _main(
+    _version_flag: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")
+    ] = False,
+) -> None:
     """Serve vision models that adapt online, without labels, when their input drifts."""
 
 
-@app.command("serve")
+#: Where a setting comes from, highest first (``service.settings.load_settings`` implements it): the same
+#: for ``serve``, ``stream`` and the app factory. Kept here so that ``--help`` imports no torch.
+PRECEDENCE = (
+    "command-line flags, then TTA_* environment variables, then the config file (--config or TTA_CONFIG), "
+    "then the built-in defaults"
+)
+SERVE_HELP = (
+    "Start the HTTP server. Without --config or --architecture it serves the built-in `digits` model.\n\n"
+    f"Every setting comes from, highest first: {PRECEDENCE}. "
+    "An unknown key in the config file stops start-up (exit 2) and names the key."
+)
+
+
+@app.command("serve", help=SERVE_HELP)
 def serve(
     config: Annotated[Path | None, typer.Option(help="YAML or TOML file listing the models (and settings)")] = None,
     host: Annotated[str | None, typer.Option(help="bind address (default 127.0.0.1, or TTA_HOST)")] = None,
@@ -32,11 +60,13 @@ def serve(
     method: Annotated[str, typer.Option(help="adaptation method for --architecture")] = "eata",
     name: Annotated[str | None, typer.Option(help="model name for --architecture (default: the architecture)")] = None,
     fisher_data: Annotated[
-        Path | None, typer.Option(help="npz of clean images (x uint8 NxHxWx3) for EATA's Fisher term")
+        Path | None,
+        typer.Option(help="clean images for EATA's Fisher term: an npz (x uint8 NxHxWx3), cifar-10-python.tar.gz "
+                     "or its cifar-10-batches-py/ folder"),
     ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
 ) -> None:
-    """Start the HTTP server. Without --config or --architecture it serves the built-in `digits` model."""
+    """Start the HTTP server (help text: SERVE_HELP)."""
     import uvicorn
 
     from service.app import build_registry, create_app

@@ -694,8 +694,8 @@ def _probe_set(config: ModelConfig) -> ProbeSet | None:
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"model {config.name!r}: probe_data: {exc}") from exc
     if config.architecture == "digits" and tuple(config.input_size) == (32, 32):
+        from adapters.datasets import to_tensor
         from adapters.models.digits import digits_split
-        from benchmarks.data import to_tensor
 
         _, (x, y) = digits_split()
         return ProbeSet(to_tensor(x[: config.probe_size]), torch.from_numpy(y[: config.probe_size]))

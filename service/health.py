@@ -230,9 +230,9 @@ class ProbeSet:
 
     @classmethod
     def from_npz(cls, path: Path, size: int, input_size: tuple[int, int]) -> ProbeSet:
-        from benchmarks.data import load_npz, to_tensor
+        from adapters.datasets import load_images, to_tensor
 
-        x, y = load_npz(path)
+        x, y = load_images(path)
         if tuple(x.shape[1:3]) != tuple(input_size):
             raise ValueError(f"probe_data {path}: images are {x.shape[1]}x{x.shape[2]}, the model takes "
                              f"{input_size[0]}x{input_size[1]}")

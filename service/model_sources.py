@@ -78,9 +78,9 @@ def _fisher(config: ModelConfig, module: nn.Module) -> adapters.FisherInfo | Non
     if config.fisher is not None:
         return adapters.FisherInfo.load(config.fisher, module)
     if config.fisher_data is not None:
-        from benchmarks.data import load_npz, to_tensor
+        from adapters.datasets import load_images, to_tensor
 
-        x, _ = load_npz(config.fisher_data)
+        x, _ = load_images(config.fisher_data)
         return adapters.estimate_fisher(module, to_tensor(x[: config.fisher_size]))
     if config.architecture == "digits":  # the built-in model ships its clean data
         (x, _), _ = digits_split()

@@ -5,7 +5,9 @@ Bad configuration fails at start-up with a message naming the field, never at th
 
 from __future__ import annotations
 
+import difflib
 import tomllib
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,7 +46,8 @@ class ModelConfig(BaseModel):
         "sync", description="sync: answer from the forward pass that adapts; async: adapt off the request path"
     )
     fisher: Path | None = Field(None, description="a saved Fisher file for eata/eata-c")
-    fisher_data: Path | None = Field(None, description="npz of clean images (x uint8 NxHxWx3) to estimate Fisher")
+    fisher_data: Path | None = Field(None, description="clean images to estimate Fisher: an npz (x uint8 "
+                                       "NxHxWx3, y), cifar-10-python.tar.gz or its cifar-10-batches-py/ folder")
     fisher_size: int = Field(500, ge=1, description="clean images used from fisher_data")
     max_batch_size: int = Field(64, ge=1, le=4096)
     max_delay_ms: float = Field(
@@ -233,14 +236,20 @@ def _relative_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     return data
 
 
-def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
-    """Settings from the environment, the config file (``config`` or ``TTA_CONFIG``), then overrides."""
+def load_settings(config: Path | None = None, **flags: Any) -> Settings:
+    """Settings from, highest first: ``flags`` (None = not given), ``TTA_*`` variables, the config file, defaults.
+
+    The config file is ``config`` or ``$TTA_CONFIG``. An unknown key anywhere in it fails with the key's
+    path and the closest valid name, never as a silently ignored setting.
+    """
     try:
         env = Settings()
         path = config or env.config
         data: dict[str, Any] = _relative_paths(_read_file(path), path.parent) if path else {}
-        merged = {**data, **{k: v for k, v in overrides.items() if v is not None}}
-        settings = Settings(**merged) if merged else env
+        _refuse_unknown_keys(data, path)
+        from_file = {k: v for k, v in data.items() if k not in env.model_fields_set}  # the environment wins
+        given = {k: v for k, v in flags.items() if v is not None}
+        settings = Settings(**from_file, **given) if from_file or given else env
         if path:
             settings.config = path
         return settings
@@ -248,10 +257,54 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
         raise ConfigError(format_validation_error(exc)) from None
 
 
+def _refuse_unknown_keys(data: dict[str, Any], path: Path | None) -> None:
+    """Top-level keys must be settings (nested models forbid extras themselves)."""
+    known = set(Settings.model_fields)
+    unknown = [key for key in data if key not in known]
+    if unknown:
+        raise ConfigError(
+            "invalid configuration:\n  "
+            + "\n  ".join(f"{key}: unknown setting in {path}{_did_you_mean(str(key), known)}" for key in unknown)
+        )
+
+
+def _did_you_mean(key: str, candidates: set[str]) -> str:
+    close = difflib.get_close_matches(key, sorted(candidates), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> set[str]:
+    """The field names valid at ``loc`` (the location of an unknown key), walking nested models."""
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return set()
+        nested = [a for a in (field.annotation, *typing.get_args(field.annotation)) if _is_model(a)]
+        nested += [a for arg in typing.get_args(field.annotation) for a in typing.get_args(arg) if _is_model(a)]
+        if not nested:
+            return set()
+        model = nested[0]
+    return set(model.model_fields)
+
+
+def _is_model(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
 def format_validation_error(exc: ValidationError) -> str:
     """One line per problem, each naming the field path (e.g. ``models.0.method``)."""
     lines = []
     for err in exc.errors():
         where = ".".join(str(p) for p in err["loc"]) or "config"
-        lines.append(f"{where}: {err['msg']}")
+        message = err["msg"]
+        if err["type"] == "extra_forbidden" and err["loc"]:
+            model = exc.title and _MODELS_BY_TITLE.get(exc.title)
+            candidates = _fields_at(model, err["loc"]) if model else set()
+            message = f"unknown setting{_did_you_mean(str(err['loc'][-1]), candidates)}"
+        lines.append(f"{where}: {message}")
     return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+_MODELS_BY_TITLE: dict[str, type[BaseModel]] = {"Settings": Settings, "ModelConfig": ModelConfig}

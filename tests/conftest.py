@@ -1,24 +1,41 @@
-"""Shared fixtures: the read-only shared data folder, required under CI (fail, never skip)."""
+"""Shared fixtures. The suite needs the read-only shared data folder: without it, one clear error.
+
+``TTA_SHARED`` names the folder (default ``../shared`` beside this checkout; the test suite is not
+part of the installed package, so the default may come from its own location). It is exported so that
+the benchmark helpers and every server or CLI subprocess a test starts read the same folder.
+"""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
-from benchmarks.data import checkpoint_path, cifar10_test_path, load_npz, shared_dir
+from adapters.datasets import load_npz
+from benchmarks.data import SHARED_ENV, checkpoint_path, cifar10_test_path
+
+CHECKOUT = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get(SHARED_ENV) or CHECKOUT.parent / "shared").resolve()
+NEEDED = ("data/cifar10_test.npz", "models")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Stop before collecting anything when the shared folder is missing: one message, not dozens."""
+    missing = [name for name in NEEDED if not (SHARED / name).exists()]
+    if missing:
+        pytest.exit(
+            f"the test suite needs the shared data folder: {SHARED} lacks {', '.join(missing)}. "
+            f"Set {SHARED_ENV} to the folder holding data/cifar10_test.npz and models/ (see README, Tests).",
+            returncode=2,
+        )
+    os.environ[SHARED_ENV] = str(SHARED)
 
 
 @pytest.fixture(scope="session")
-def shared():
-    path = shared_dir()
-    if not path.is_dir():
-        msg = f"shared data folder {path} is missing; set TTA_SHARED"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return path
+def shared() -> Path:
+    return SHARED
 
 
 @pytest.fixture(scope="session")

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import adapters
+from adapters.datasets import to_tensor
 from adapters.models import CheckpointError, build_cifar_resnet
-from benchmarks.data import checkpoint_path, to_tensor
+from benchmarks.data import checkpoint_path
 
 
 @pytest.fixture(scope="module")

@@ -164,7 +164,7 @@ def test_plot_without_matplotlib_says_how_to_install(monkeypatch, cifar10, resne
     monkeypatch.setattr(report.importlib.util, "find_spec", lambda name: None)
     result = _invoke("--weights", str(resnet20_weights), "--plot", str(tmp_path / "p.png"), "--quiet")
     assert result.exit_code == 2
-    assert "pip install matplotlib" in result.output
+    assert "pip install 'tta-serve[bench]'" in result.output
 
 
 # --------------------------------------------------------------------------- the two data paths
