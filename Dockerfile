@@ -61,7 +61,7 @@ COPY benchmarks ./benchmarks
 # The project exactly as the README installs it (torch==2.13.0 is already satisfied by the build above),
 # then fail the build, not the first start, if the server cannot import.
 RUN pip install . \
- && python -c "import service.app, service.cli"
+ && python -c "import service.http.app, service.cli"
 
 # ------------------------------------------------------------------ runtime: the environment and nothing else
 FROM base AS runtime

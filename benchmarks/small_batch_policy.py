@@ -11,6 +11,7 @@ averages of large batches' BatchNorm statistics, the default) and padded with re
 from __future__ import annotations
 
 import argparse
+import asyncio
 
 import numpy as np
 import torch
@@ -18,32 +19,45 @@ from rich.console import Console
 from rich.table import Table
 
 from adapters.corruptions import corrupt
+from adapters.datasets import load_images, to_tensor
 from benchmarks.data import checkpoint_path, cifar10_test_path
 from service.engine import ModelEngine
 from service.model_sources import load_model
 from service.settings import ModelConfig
-from service.worker import PREDICT
 
 
-def lone_request_accuracy(images: torch.Tensor, labels: np.ndarray, recent: bool) -> float:
+async def lone_request_accuracy(
+    images: torch.Tensor, labels: np.ndarray, recent: bool, fisher_size: int = 200
+) -> float:
+    """Accuracy of the one-image requests, served through the engine's public ``predict``."""
     config = ModelConfig(name="m", architecture="resnet20", weights=checkpoint_path("resnet20"), method="eata",
-                         mode="sync", fisher_data=cifar10_test_path(), fisher_size=200, recent_statistics=recent,
-                         agreement_fraction=0)
+                         mode="sync", fisher_data=cifar10_test_path(), fisher_size=fisher_size,
+                         recent_statistics=recent, agreement_fraction=0)
     engine = ModelEngine(config, load_model(config, torch.device("cpu")), device=torch.device("cpu"))
-
-    def serve(x: torch.Tensor) -> list:
-        return engine._worker.submit(lambda: engine._run_batch(x), PREDICT).result()
-
+    await engine.start()
     correct = total = 0
     try:
         for start in range(0, len(images) - 31, 32):
-            serve(images[start : start + 16])
+            await engine.predict(images[start : start + 16])  # one adaptation step (sync mode)
             for i in range(start + 16, start + 32):
-                correct += int(serve(images[i : i + 1])[0].label == labels[i])
+                (answer,) = await engine.predict(images[i : i + 1])
+                correct += int(answer.label == labels[i])
                 total += 1
     finally:
-        engine._worker.stop()
+        await engine.stop()
     return correct / total
+
+
+def measure(images: int, corruptions: list[str], fisher_size: int = 200) -> list[tuple[str, float, float]]:
+    """(corruption, accuracy with recent statistics, accuracy with context padding) per corruption."""
+    clean, labels = load_images(cifar10_test_path())
+    clean, labels = clean[:images], labels[:images]
+    rows = []
+    for name in corruptions:
+        x = to_tensor(corrupt(clean, name, 5, seed=0))
+        recent, padded = (asyncio.run(lone_request_accuracy(x, labels, r, fisher_size)) for r in (True, False))
+        rows.append((name, recent, padded))
+    return rows
 
 
 def main() -> None:
@@ -53,14 +67,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    with np.load(cifar10_test_path()) as data:
-        clean, labels = data["x"][: args.images], data["y"][: args.images]
     table = Table(title="one-image answers between EATA steps (CIFAR-10-C severity 5), accuracy %")
     for column in ("corruption", "recent statistics", "context padding"):
         table.add_column(column, justify="right")
-    for name in args.corruptions.split(","):
-        x = torch.from_numpy(corrupt(clean, name, 5, seed=0)).permute(0, 3, 1, 2).float().div(255)
-        recent, padded = (lone_request_accuracy(x, labels, r) for r in (True, False))
+    for name, recent, padded in measure(args.images, args.corruptions.split(",")):
         table.add_row(name, f"{100 * recent:.1f}", f"{100 * padded:.1f}")
     Console().print(table)
 

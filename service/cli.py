@@ -69,11 +69,11 @@ def serve(
     """Start the HTTP server (help text: SERVE_HELP)."""
     import uvicorn
 
-    from service.app import build_registry, create_app
+    from service.composition import build_registry, routing_for_app
+    from service.errors import ConfigError, ModelLoadError
+    from service.http.app import create_app
     from service.metrics import ServiceMetrics
-    from service.model_sources import ModelLoadError
-    from service.routes_detect import routing_for_app
-    from service.settings import ConfigError, load_settings
+    from service.settings import load_settings
 
     models = None
     if architecture is not None:

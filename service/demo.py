@@ -72,7 +72,7 @@ def running_server(settings) -> Iterator[str]:
     """Run the tta-serve app under uvicorn in a background thread; yield its base URL."""
     import uvicorn
 
-    from service.app import create_app
+    from service.http.app import create_app
 
     config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port, log_level="warning")
     server = uvicorn.Server(config)

@@ -1,6 +1,7 @@
 """Prometheus metrics for the server, in a registry owned by the app (never the global one).
 
-``ServiceMetrics`` is both the HTTP middleware's sink (requests, latency) and the engine's
+``ServiceMetrics`` is both the HTTP middleware's sink (requests, latency; the middleware itself is
+``service/http/request_metrics.py``) and the engine's
 :class:`~service.engine.EngineObserver` (batches, adaptation steps, drops, resets, queue depth), so
 tests and multiple apps in one process never share counters. Route labels are route templates
 (``/v2/models/{name}/infer``), never raw paths, to keep label cardinality bounded.
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -31,7 +31,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import adapters
 from adapters.guard import RESET_REASONS
@@ -256,31 +255,3 @@ class EngineHealthCollector(Collector):
                 [model, method, info.get("mode", ""), info.get("role", "")], 1.0
             )
         return list(families.values())
-
-
-class RequestMetricsMiddleware:
-    """Pure ASGI middleware counting every HTTP request by its route template and final status."""
-
-    def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500
-
-        async def send_and_record(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_and_record)
-        finally:
-            route = scope.get("route")
-            template = getattr(route, "path", None) or UNMATCHED_ROUTE
-            self.metrics.observe_request(template, scope["method"], status, time.perf_counter() - started)

@@ -15,15 +15,12 @@ from torch import nn
 import adapters
 from adapters.models import CheckpointError, Normalized, build_cifar_resnet, load_state_dict_file, load_weights
 from adapters.models.digits import DIGIT_CLASSES, digits_split, load_digits_model
+from service.errors import ModelLoadError
 from service.settings import ModelConfig
 
 log = logging.getLogger(__name__)
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-
-
-class ModelLoadError(RuntimeError):
-    """A model that cannot be built or loaded; the message names the model and the cause."""
 
 
 @dataclass

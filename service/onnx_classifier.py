@@ -16,7 +16,8 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from service.model_sources import LoadedModel, ModelLoadError
+from service.errors import ModelLoadError
+from service.model_sources import LoadedModel
 from service.settings import ModelConfig
 
 TOLERANCE = 1e-3  # max |ONNX - PyTorch| logits, relative to their scale

@@ -17,8 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from service.engine import InvalidInput
-from service.http_errors import ImageTooLarge
+from service.errors import ImageTooLarge, InvalidInput
 
 FP32 = "FP32"
 UINT8 = "UINT8"

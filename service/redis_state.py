@@ -23,15 +23,12 @@ import torch
 
 from adapters.prob_cache import InProcessProbabilityCache
 from adapters.serialization import state_from_bytes, state_to_bytes
+from service.errors import StoreUnavailable
 from service.snapshots import SnapshotInfo
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 KEY_PREFIX = "tta"
-
-
-class StoreUnavailable(RuntimeError):
-    """Redis cannot be reached right now."""
 
 
 def redacted(url: str) -> str:

@@ -26,15 +26,14 @@ import logging
 import os
 import socket
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import redis.asyncio as aioredis
 
 from adapters.serialization import StateDecodeError
-from service.redis_state import LeaderLease, ParameterChannel, RedisConnection, StoreUnavailable
-
-if TYPE_CHECKING:
-    from service.engine import ModelEngine
+from service.errors import StoreUnavailable
+from service.redis_state import LeaderLease, ParameterChannel, RedisConnection
+from service.replication_contract import ReplicatedModel, StateRefused
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +43,7 @@ def default_replica_id() -> str:
 
 
 class Replica:
-    """The replication side of one model's engine."""
+    """The replication side of one served model (a :class:`ReplicationPeer`; the model a :class:`ReplicatedModel`)."""
 
     def __init__(
         self,
@@ -92,42 +91,24 @@ class Replica:
             "refused_snapshots": dict(self.refused),
         }
 
-    def publish(self, engine: ModelEngine) -> None:
-        """Publish the adapter's state (worker thread, after an update); keeps serving if Redis is down."""
-        adapter = engine.adapter
-        state = {
-            "method": adapter.name,
-            "model_hash": adapter.source_hash,
-            "params": adapter.adapted_parameters(),
-            "optimizer": adapter.optimizer.state_dict() if adapter.optimizer else None,
-        }
+    def publish(self, model: ReplicatedModel) -> None:
+        """Publish the model's state (worker thread, after an update); keeps serving if Redis is down."""
         try:
-            version = self.channel.publish(state, at_least=self.loaded_version)
+            version = self.channel.publish(model.export_state(), at_least=self.loaded_version)
         except StoreUnavailable:
             self._needs_publish = True
             return
         self._needs_publish = False
         self.published_version = self.loaded_version = version
-        adapter.stats.parameter_version = version
+        model.adopt_version(version)
 
-    def apply(self, engine: ModelEngine, version: int, state: dict[str, Any]) -> bool:
-        """Load a published state (worker thread); refuse, with a logged reason, one of another model."""
-        adapter = engine.adapter
-        reason = None
-        if state.get("method") != adapter.name:
-            reason = f"method {state.get('method')!r} != {adapter.name!r}"
-        elif state.get("model_hash") != adapter.source_hash:
-            reason = f"model {state.get('model_hash')} != {adapter.source_hash}"
-        if reason is None:
-            try:
-                adapter.load_adapted_parameters(state["params"])
-                adapter.load_optimizer_state(state.get("optimizer"))
-            except (KeyError, ValueError, TypeError, RuntimeError) as exc:
-                reason = f"cannot load: {exc}"
-        if reason is not None:
-            self._refuse(version, reason)
+    def apply(self, model: ReplicatedModel, version: int, state: dict[str, Any]) -> bool:
+        """Load a published state (worker thread); refuse, with a logged reason, one the model cannot take."""
+        try:
+            model.import_state(state, version)
+        except StateRefused as exc:
+            self._refuse(version, str(exc))
             return False
-        adapter.stats.parameter_version = version
         self.loaded_version = version
         return True
 
@@ -138,12 +119,12 @@ class Replica:
         self.loaded_version = max(self.loaded_version, version)  # do not retry the same bad version
 
     # ------------------------------------------------------------------ the background loop
-    async def run(self, engine: ModelEngine) -> None:
+    async def run(self, model: ReplicatedModel) -> None:
         """Renew or compete for the lease, follow new versions and listen for announcements."""
         listener = asyncio.create_task(self._listen(), name=f"replica-listen-{self.model}")
         try:
             while True:
-                await self._tick(engine)
+                await self._tick(model)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.interval)
                 self._wake.clear()
@@ -155,23 +136,23 @@ class Replica:
                 with contextlib.suppress(StoreUnavailable):
                     await asyncio.to_thread(self.lease.release)
 
-    async def sync_once(self, engine: ModelEngine) -> None:
+    async def sync_once(self, model: ReplicatedModel) -> None:
         """Load the newest published state now (start-up: a restarted replica resumes)."""
-        await self._follow(engine)
+        await self._follow(model)
 
-    async def _tick(self, engine: ModelEngine) -> None:
+    async def _tick(self, model: ReplicatedModel) -> None:
         try:
             await asyncio.to_thread(self.connection.check)
             if self.lease is not None:
-                await self._elect(engine)
+                await self._elect(model)
             if not self.is_leader:
-                await self._follow(engine)
+                await self._follow(model)
             elif self._needs_publish:
-                await engine.run_on_worker(lambda: self.publish(engine))
+                await model.run_on_worker(lambda: self.publish(model))
         except StoreUnavailable:
             pass  # logged by the connection; serving continues from local state
 
-    async def _elect(self, engine: ModelEngine) -> None:
+    async def _elect(self, model: ReplicatedModel) -> None:
         lease = self.lease
         assert lease is not None
         if self.role == "leader" and not self.is_leader:
@@ -180,7 +161,7 @@ class Replica:
             claimant = await asyncio.to_thread(lease.requested_by)
             if claimant is not None:  # a configured leader is alive and asks: defer to it
                 if self.is_leader:
-                    await engine.run_on_worker(lambda: self.publish(engine))  # it continues from our state
+                    await model.run_on_worker(lambda: self.publish(model))  # it continues from our state
                     await asyncio.to_thread(lease.release)
                     self.is_leader = False
                     log.warning("model %s: replica %s handed the leader lease to the configured leader %s",
@@ -190,14 +171,14 @@ class Replica:
                 return  # start-up grace: a configured leader starting at the same time wins
         holds = await asyncio.to_thread(lease.acquire_or_renew)
         if holds and not self.is_leader:
-            await self._follow(engine)  # continue from the last published state
+            await self._follow(model)  # continue from the last published state
             self.is_leader = True
             log.warning("model %s: replica %s is now the leader", self.model, self.replica_id)
         elif not holds and self.is_leader:
             self.is_leader = False
             log.warning("model %s: replica %s lost the leader lease; following", self.model, self.replica_id)
 
-    async def _follow(self, engine: ModelEngine) -> None:
+    async def _follow(self, model: ReplicatedModel) -> None:
         version = await asyncio.to_thread(self.channel.latest_version)
         if version <= self.loaded_version:
             return
@@ -208,7 +189,7 @@ class Replica:
             return
         if state is None:
             return
-        await engine.run_on_worker(lambda: self.apply(engine, version, state))
+        await model.run_on_worker(lambda: self.apply(model, version, state))
 
     async def _listen(self) -> None:
         """Wake the loop on each announced version; polling covers what pub/sub misses."""

@@ -17,13 +17,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 import adapters
 from service.clip.config import RoutingConfig
+from service.errors import ConfigError
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 BUILTIN_ARCHITECTURES = ("digits", "resnet20", "resnet32", "resnet44", "resnet56")
-
-
-class ConfigError(ValueError):
-    """Configuration that cannot be served; the message names the field."""
 
 
 class ModelConfig(BaseModel):

@@ -36,9 +36,10 @@ import numpy as np
 import redis
 from PIL import Image
 
-from service.engine import InvalidInput, ModelEngine, Prediction
+from service.engine import ModelEngine, Prediction
+from service.errors import InvalidInput, StoreUnavailable
 from service.preprocess import decode_image, uint8_nhwc_to_tensor
-from service.redis_state import KEY_PREFIX, RedisConnection, StoreUnavailable
+from service.redis_state import KEY_PREFIX, RedisConnection
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -410,8 +411,8 @@ async def run_stream(
     stop: asyncio.Event | None = None,
 ) -> bool:
     """Load the model as the server does, consume until stopped, then stop the engine."""
-    from service.app import build_registry
-    from service.settings import ConfigError
+    from service.composition import build_registry
+    from service.errors import ConfigError
 
     configs = settings.resolved_models()
     names = [c.name for c in configs]

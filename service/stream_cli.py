@@ -41,8 +41,8 @@ def stream(
     """
     import redis
 
-    from service.model_sources import ModelLoadError
-    from service.settings import ConfigError, load_settings
+    from service.errors import ConfigError, ModelLoadError
+    from service.settings import load_settings
     from service.stream import StreamOptions, serve_stream
     from service.stream import redis_url as default_redis_url
 

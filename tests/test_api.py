@@ -24,8 +24,8 @@ with warnings.catch_warnings():  # Starlette suggests httpx2 for its TestClient;
     from fastapi.testclient import TestClient
 
 from adapters.models.digits import digits_split
-from service.app import create_app
 from service.engine import EngineRegistry, ModelEngine
+from service.http.app import create_app
 from service.metrics import ServiceMetrics
 from service.model_sources import LoadedModel
 from service.preprocess import decode_image

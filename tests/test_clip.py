@@ -291,7 +291,7 @@ def _png(size=(48, 40), color=(10, 120, 60)) -> bytes:
 
 @pytest.fixture(scope="module")
 def routed_app(clip_dir, tmp_path_factory) -> Iterator[TestClient]:
-    from service.app import create_app
+    from service.http.app import create_app
     from service.settings import ModelConfig, Settings
 
     work = tmp_path_factory.mktemp("routing")
@@ -409,9 +409,8 @@ def test_routing_configuration_errors_name_the_problem(clip_dir):
 
 
 def test_config_file_paths_are_relative_to_the_file(clip_dir, tmp_path):
-    from service.app import build_registry
+    from service.composition import build_registry, routing_for_app
     from service.metrics import ServiceMetrics
-    from service.routes_detect import routing_for_app
     from service.settings import load_settings
 
     shutil.copytree(clip_dir, tmp_path / "clip")

@@ -38,7 +38,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from starlette.testclient import TestClient
 
-from service.app import create_app
+from service.http.app import create_app
 from service.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -339,7 +339,7 @@ def dockerignored(path: str) -> bool:
 
 
 def test_dockerignore_sends_only_the_sources() -> None:
-    assert not dockerignored("service/app.py") and not dockerignored("adapters/models/digits.py")
+    assert not dockerignored("service/http/app.py") and not dockerignored("adapters/models/digits.py")
     for path in ("tests/test_api.py", "docs/api.md", ".git/HEAD", "runs/x.json", ".venv/bin/python",
                  "service/__pycache__/app.cpython-311.pyc", "deploy/k8s/kustomization.yaml"):
         assert dockerignored(path), path
@@ -348,7 +348,7 @@ def test_dockerignore_sends_only_the_sources() -> None:
 def test_image_install_brings_every_module_the_server_imports() -> None:
     """`pip install .` in the image must bring every third-party module `tta-serve serve` imports.
 
-    Follows the imports of our own modules: at module level from service.app and service.cli, plus the
+    Follows the imports of our own modules: at module level from service.http.app and service.cli, plus the
     function-level imports of the ``serve`` command (uvicorn). An import guarded by ``try``/``except
     ImportError`` or ``TYPE_CHECKING`` is optional. Imports inside other functions (offline tools such as
     ``export-clip``) must at least be declared, in the dependencies or an extra.
@@ -356,9 +356,9 @@ def test_image_install_brings_every_module_the_server_imports() -> None:
     cli = ast.parse((ROOT / "service" / "cli.py").read_text())
     (serve,) = [n for n in cli.body if isinstance(n, ast.FunctionDef) and n.name == "serve"]
     serve_imports = _imported_names(ast.Module(body=serve.body, type_ignores=[]), ["service"], lazy=True)
-    at_start = _reachable_third_party_imports(["service.app", "service.cli", *serve_imports], lazy=False)
+    at_start = _reachable_third_party_imports(["service.http.app", "service.cli", *serve_imports], lazy=False)
     assert {"torch", "fastapi", "uvicorn"} <= set(at_start)
-    anywhere = _reachable_third_party_imports(["service.app", "service.cli"], lazy=True)
+    anywhere = _reachable_third_party_imports(["service.http.app", "service.cli"], lazy=True)
     extras = [r for group in PYPROJECT["project"].get("optional-dependencies", {}).values() for r in group]
     main = _requirement_closure(PYPROJECT["project"]["dependencies"])
     declared = main | _requirement_closure(extras)

@@ -10,9 +10,10 @@ import torch
 from helpers import small_bn_cnn
 
 import adapters
-from service.engine import InvalidInput, ModelEngine, SnapshotNotFound, UnknownRequestIds
+from service.engine import ModelEngine
+from service.errors import ConfigError, InvalidInput, SnapshotNotFound, UnknownRequestIds
 from service.model_sources import LoadedModel
-from service.settings import ConfigError, ModelConfig, Settings, load_settings
+from service.settings import ModelConfig, Settings, load_settings
 
 CLASSES = [str(i) for i in range(10)]
 
@@ -74,7 +75,7 @@ def test_small_batches_use_recent_inputs_as_context_and_adapt_once_enough_accumu
     async def scenario():
         engine = await started(make_engine(min_adapt_batch=8, options={"e0": 10.0, "redundancy_eps": 2.0}))
         lone = await engine.predict(images(1))  # nothing to lean on yet: the frozen model answers
-        fallbacks_after_first = engine.counters.frozen_fallbacks
+        fallbacks_after_first = engine.small_batch.frozen_fallbacks
         for seed in range(1, 9):
             await engine.predict(images(1, seed=seed))
         await asyncio.sleep(0.2)  # the adaptation step runs off the request path
@@ -186,7 +187,7 @@ def test_a_lone_request_after_a_large_batch_is_normalised_with_its_statistics():
         x = images(16)
         batch = await engine.predict(x)
         lone = await engine.predict(x[:1])
-        fallbacks = engine.counters.frozen_fallbacks
+        fallbacks = engine.small_batch.frozen_fallbacks
         await engine.stop()
         return batch[0].probabilities, lone[0].probabilities, fallbacks
 
@@ -209,12 +210,12 @@ def test_lone_requests_follow_the_adapted_weights_through_the_traced_graph():
         served = (await engine.predict(x))[0].probabilities
 
         def eager() -> torch.Tensor:
-            assert engine._recent_stats is not None
-            with engine._recent_stats.applied():
+            assert engine.small_batch.recent is not None
+            with engine.small_batch.recent.applied():
                 return engine.adapter.predict(x).softmax(1)[0]
 
         expected = await engine.run_on_worker(eager)
-        graph_used = engine._recent_graph_module is not None
+        graph_used = engine.small_batch._recent_graph_module is not None
         drift = engine.adapter.parameter_drift()
         await engine.stop()
         return served, expected, graph_used, drift
@@ -270,12 +271,12 @@ def test_large_no_gradient_batches_are_answered_by_a_traced_batch_graph_that_kee
     async def scenario():  # norm: batch statistics without updates, so the weights hold still between answers
         engine = await started(make_engine(method="norm", mode="async", min_adapt_batch=8))
         await engine.predict(images(16))  # the first recorded pass runs eagerly
-        recent = engine._recent_stats
+        recent = engine.small_batch.recent
         assert recent is not None
         updates = recent.updates
         x = images(16, seed=5)
         served = torch.stack([p.probabilities for p in await engine.predict(x)])
-        graph_used = engine._batch_graph_module is not None
+        graph_used = engine.small_batch._batch_graph_module is not None
         recorded = recent.updates - updates
         eager = await engine.run_on_worker(lambda: engine.adapter.predict(x).softmax(1))
         await engine.stop()
@@ -291,7 +292,8 @@ def test_a_probe_evaluation_does_not_change_the_statistics_small_batches_are_nor
 
     async def scenario():
         engine = await started(make_engine(method="norm", min_adapt_batch=8))
-        engine.probe = ProbeSet(images(32, seed=3) + 4.0, torch.zeros(32, dtype=torch.long))  # unlike the traffic
+        unlike_the_traffic = images(32, seed=3) + 4.0
+        engine.monitor.probe = ProbeSet(unlike_the_traffic, torch.zeros(32, dtype=torch.long))
         await engine.predict(images(16))
         x = images(1, seed=4)
         before = (await engine.predict(x))[0].probabilities
@@ -302,3 +304,12 @@ def test_a_probe_evaluation_does_not_change_the_statistics_small_batches_are_nor
 
     before, after = run(scenario())
     torch.testing.assert_close(after, before)
+
+
+def test_the_small_batch_policy_benchmark_runs_through_the_public_engine() -> None:
+    """The short form of ``python -m benchmarks.small_batch_policy``: it must keep working as the engine moves."""
+    from benchmarks.small_batch_policy import measure
+
+    ((name, recent, padded),) = measure(images=64, corruptions=["fog"], fisher_size=64)
+    assert name == "fog"
+    assert 0.3 < recent <= 1.0 and 0.3 < padded <= 1.0  # fog at severity 5: the frozen ResNet-20 gets ~66 %

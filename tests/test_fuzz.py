@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from servers import free_port
 
-from service.app import create_app
+from service.http.app import create_app
 from service.settings import ModelConfig, Settings
 
 try:

@@ -20,7 +20,8 @@ from typer.testing import CliRunner
 from adapters.datasets import DataFileError, load_images
 from benchmarks.data import DataNotGiven, checkpoint_path, cifar10_test_path
 from service.cli import app
-from service.settings import ConfigError, load_settings
+from service.errors import ConfigError
+from service.settings import load_settings
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 PACKAGES = ("adapters", "service", "benchmarks")

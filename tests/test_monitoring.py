@@ -26,8 +26,8 @@ with warnings.catch_warnings():  # Starlette suggests httpx2 for its TestClient;
 import adapters
 from adapters.corruptions import corrupt
 from adapters.models.digits import digits_split
-from service.app import create_app
 from service.health import PredictionWindow, SourceAgreement
+from service.http.app import create_app
 from service.metrics import ServiceMetrics
 from service.settings import ModelConfig, Settings
 from service.v2_client import binary_request, parse_response
@@ -75,15 +75,15 @@ def run(shared) -> Iterator[dict[str, Any]]:
     record: dict[str, Any] = {"y": stream_y}
     with TestClient(create_app(settings)) as client:
         engine = client.app.state.registry.get("digits")
-        assert engine.agreement is not None
-        engine.agreement.ready.result(60)  # the ONNX export runs at start-up, off the request path
+        assert engine.monitor.agreement is not None
+        engine.monitor.agreement.ready.result(60)  # the ONNX export runs at start-up, off the request path
 
         def phase(name: str, images: np.ndarray) -> None:
             for i in range(0, len(images), BATCH):
                 probs, ids = infer(client, "digits", images[i : i + BATCH])
                 record.setdefault("probs", []).append(probs)
                 record.setdefault("ids", []).extend(ids)
-            engine.agreement.wait_idle()
+            engine.monitor.agreement.wait_idle()
             record[name] = scrape(client)
 
         phase("clean", stream_x[:n_clean])

@@ -20,7 +20,7 @@ from servers import RedisProcess, free_port, running_server
 
 from adapters.corruptions import corrupt
 from adapters.models.digits import digits_split
-from service.app import create_app
+from service.http.app import create_app
 from service.redis_state import ParameterChannel, RedisConnection, RedisProbabilityCache
 from service.settings import ModelConfig, Settings
 

@@ -40,9 +40,10 @@ with warnings.catch_warnings():  # Starlette suggests httpx2 for its TestClient;
 from adapters.fisher import FisherInfo
 from adapters.models import CheckpointError, load_state_dict_file
 from adapters.serialization import StateDecodeError, state_from_bytes
-from service.app import create_app
-from service.auth import require_admin
-from service.model_sources import ModelLoadError, load_model
+from service.errors import ModelLoadError
+from service.http.app import create_app
+from service.http.auth import require_admin
+from service.model_sources import load_model
 from service.settings import ModelConfig, Settings
 
 TOKEN = "adm-7Qx9-security-test-token"

@@ -26,9 +26,9 @@ with warnings.catch_warnings():  # Starlette suggests httpx2 for its TestClient;
 from starlette.websockets import WebSocketDisconnect
 
 from adapters.models.digits import digits_split
-from service import routes_ws
-from service.app import create_app
 from service.engine import ModelEngine
+from service.http import routes_ws
+from service.http.app import create_app
 from service.settings import ModelConfig, Settings
 
 URL = "/v1/models/digits/stream"

@@ -20,8 +20,7 @@ import torch
 from PIL import Image, ImageOps
 
 from service.clip.manifest import ImageSpec
-from service.engine import InvalidInput
-from service.http_errors import ImageTooLarge
+from service.errors import ImageTooLarge, InvalidInput
 from service.preprocess import uint8_nhwc_to_tensor
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}

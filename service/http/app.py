@@ -5,35 +5,31 @@ routes through dependencies, so tests build as many independent apps as they lik
 the lifespan unless a ready registry is passed in (the CLI loads first, so a bad model fails with a
 message and exit status 2 instead of a traceback from inside uvicorn).
 
-Run with ``tta-serve serve`` or ``uvicorn --factory service.app:app_from_env``.
+Run with ``tta-serve serve`` or ``uvicorn --factory service.http.app:app_from_env``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-import torch
 from fastapi import FastAPI, Request, Response
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import PlainTextResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-import adapters
-from service import routes_detect, routes_v1, routes_v2, routes_ws
-from service.allocator import tune_allocator
-from service.engine import EngineObserver, EngineRegistry, ModelEngine
-from service.http_errors import BodyTooLarge, error_response, install_error_handlers
-from service.infer_fast_path import InferFastPath
-from service.metrics import RequestMetricsMiddleware, ServiceMetrics
-from service.model_sources import load_model, resolve_device
-from service.redis_state import RedisConnection, RedisProbabilityCache, RedisSnapshotStore
-from service.replication import Replica
+from service.composition import build_registry, configure_torch, routing_for_app
+from service.engine import EngineRegistry
+from service.http import routes_detect, routes_v1, routes_v2, routes_ws
+from service.http.errors import BodyTooLarge, error_response, install_error_handlers
+from service.http.image_requests import PredictJSON
+from service.http.infer_fast_path import InferFastPath
+from service.http.request_metrics import RequestMetricsMiddleware
+from service.metrics import ServiceMetrics
 from service.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -44,67 +40,6 @@ def _version() -> str:
         return version("tta-serve")
     except PackageNotFoundError:  # pragma: no cover - running from a bare checkout
         return "0.0.0"
-
-
-def default_threads(settings: Settings) -> int:
-    """Intra-op threads when none are configured.
-
-    Every usable core when a model adapts on the request path (sync mode): its steps are compute-bound
-    and the event loop idles while it computes, since every client waits for that batch. Otherwise every
-    core but one, kept for the event loop, which then parses requests while the model computes. Measured
-    on 2 cores (docs/benchmarks.md): sync 427 vs 367 img/s with 2 threads, adaptation off 848 vs 920.
-    """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    backward_on_request_path = any(
-        m.adapts_in_sync and adapters.METHODS[m.method].updates_parameters for m in settings.resolved_models()
-    )
-    return cores if backward_on_request_path else max(1, cores - 1)
-
-
-def configure_torch(settings: Settings) -> None:
-    """Process-wide settings before any model runs: intra-op threads and the allocator's thresholds."""
-    torch.set_num_threads(settings.threads or default_threads(settings))
-    if settings.tune_allocator:
-        tune_allocator()
-
-
-def build_registry(settings: Settings, observer: EngineObserver | None = None) -> EngineRegistry:
-    """Load every configured model and build its engine; raises ``ModelLoadError`` naming the model."""
-    configure_torch(settings)
-    device = resolve_device(settings.device)
-    connection = RedisConnection(settings.redis_url.get_secret_value()) if settings.redis_url else None
-    if connection is not None and not connection.check():
-        log.error("redis at %s is down at start-up: serving from local state until it returns",
-                  connection.display_url)
-    engines = []
-    for config in settings.resolved_models():
-        loaded = load_model(config, device)
-        if config.runtime == "onnx":  # the frozen fast path
-            from service.onnx_classifier import to_onnx_runtime
-
-            loaded = to_onnx_runtime(config, loaded, settings.threads or default_threads(settings))
-        shared: dict[str, Any] = {}
-        if connection is not None:
-            shared = {
-                "prob_cache": RedisProbabilityCache(connection, config.name),
-                "snapshots": RedisSnapshotStore(connection),
-                "replica": Replica(connection, config.name, config.role, settings.replica_id,
-                                   settings.lease_ttl_ms, settings.sync_interval_ms),
-            }
-        engines.append(
-            ModelEngine(
-                config,
-                loaded,
-                device=device,
-                observer=observer,
-                feedback_window=settings.feedback_window,
-                prediction_memory=settings.prediction_memory,
-                **shared,
-            )
-        )
-        log.info("model %s: %s (%s, %s mode) on %s", config.name, config.method, config.architecture
-                 or config.torchscript or config.factory, config.mode, device)
-    return EngineRegistry(engines)
 
 
 class BodyLimitMiddleware:
@@ -169,7 +104,7 @@ def create_app(
             configure_torch(settings)
         active: EngineRegistry = app.state.registry
         if app.state.routing is None:  # CLIP, detectors and route tables (None when not configured)
-            app.state.routing = await asyncio.to_thread(routes_detect.routing_for_app, settings, active, metrics)
+            app.state.routing = await asyncio.to_thread(routing_for_app, settings, active, metrics)
         await active.start()
         log.info("serving models %s", active.names())
         try:
@@ -227,7 +162,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         components.update(routes_v2.openapi_schemas())
-        components["PredictJSON"] = routes_v1.PredictJSON.model_json_schema()
+        components["PredictJSON"] = PredictJSON.model_json_schema()
         components["Error"] = _ERROR_SCHEMA
         error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
         for operations in schema.get("paths", {}).values():
@@ -244,5 +179,5 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
 
 
 def app_from_env() -> FastAPI:
-    """Factory for ``uvicorn --factory service.app:app_from_env``: settings from ``TTA_*`` and the config file."""
+    """Factory for ``uvicorn --factory service.http.app:app_from_env``: settings from ``TTA_*`` and the config file."""
     return create_app(load_settings())

@@ -19,10 +19,11 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.engine import EngineRegistry, InvalidInput, UnknownModel
-from service.http_errors import ApiError, internal_error_response
+from service.engine import EngineRegistry
+from service.errors import InvalidInput, UnknownModel
+from service.http.errors import ApiError, internal_error_response
+from service.http.routes_v2 import HEADER_LENGTH, VERSION, run_inference
 from service.metrics import ServiceMetrics
-from service.routes_v2 import HEADER_LENGTH, VERSION, run_inference
 
 _INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
 _ROUTES = ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer")  # the routes' templates

@@ -12,21 +12,21 @@ import math
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
 
-from service.auth import require_admin
-from service.engine import InvalidInput, ModelEngine, Prediction
-from service.http_errors import ApiError, bad_request_from
-from service.preprocess import decode_base64, images_to_tensor
-from service.routes_v2 import AppSettings, Engine, ReadyEngine, Registry
+from service.engine import ModelEngine
+from service.errors import InvalidInput
+from service.http.auth import require_admin
+from service.http.dependencies import AppSettings, Engine, ReadyEngine, Registry
+from service.http.image_requests import PREDICT_BODY, read_images
+from service.predictions import prediction_fields
+from service.preprocess import images_to_tensor
 from service.settings import MODEL_NAME_PATTERN
 from service.snapshots import SnapshotInfo
 
 router = APIRouter(prefix="/v1", tags=["v1: convenience and admin"])
 admin = [Depends(require_admin)]
-DEFAULT_TOP_K = 3
 
 
 # ------------------------------------------------------------------------------------ schemas
@@ -43,11 +43,6 @@ class ModelInfo(BaseModel):
 
 class ModelList(BaseModel):
     models: list[ModelInfo]
-
-
-class PredictJSON(BaseModel):
-    images: list[str] = Field(description="base64-encoded image files (PNG, JPEG, ...); data: URLs allowed")
-    top_k: int = Field(DEFAULT_TOP_K, ge=1, description="classes listed per image (capped at the class count)")
 
 
 class TopK(BaseModel):
@@ -133,102 +128,22 @@ async def get_model(engine: Engine) -> ModelInfo:
 
 
 # ------------------------------------------------------------------------------------ predict
-_PREDICT_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {
-                        "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
-                        "top_k": {"type": "integer", "minimum": 1, "default": DEFAULT_TOP_K},
-                    },
-                    "required": ["files"],
-                }
-            },
-            "application/json": {"schema": {"$ref": "#/components/schemas/PredictJSON"}},
-        },
-    }
-}
-
-
 @router.post(
     "/models/{name}/predict",
     response_model=PredictResponse,
     summary="Predict image files (multipart 'files') or base64 images (JSON)",
-    openapi_extra=_PREDICT_BODY,
+    openapi_extra=PREDICT_BODY,
 )
 async def predict(
     request: Request, engine: ReadyEngine, settings: AppSettings
 ) -> PredictResponse:
-    limit = engine.config.max_images_per_request
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type == "multipart/form-data":
-        blobs, names, top_k = await _read_multipart(request, limit)
-    elif content_type == "application/json" or content_type.endswith("+json"):
-        try:
-            body = PredictJSON.model_validate_json(await request.body())
-        except ValidationError as exc:
-            raise bad_request_from(exc) from None
-        _check_count(len(body.images), limit)
-        blobs = [decode_base64(img, f"images[{i}]") for i, img in enumerate(body.images)]
-        names, top_k = [f"images[{i}]" for i in range(len(blobs))], body.top_k
-    else:
-        raise ApiError(
-            415,
-            f"unsupported content type {content_type or 'none'!r}: send multipart/form-data with image files in "
-            "'files', or application/json with {\"images\": [<base64>, ...]}",
-        )
+    blobs, names, top_k = await read_images(request, engine.config.max_images_per_request)
     images = await run_in_threadpool(
         images_to_tensor, blobs, engine.config.input_size, settings.max_image_pixels, names
     )
     predictions = await engine.predict(images)
-    k = min(top_k, len(engine.classes))
-    return PredictResponse(model=engine.name, predictions=[_format(p, engine.classes, k) for p in predictions])
-
-
-def _check_count(count: int, limit: int) -> None:
-    if count == 0:
-        raise InvalidInput("no images in the request")
-    if count > limit:
-        raise InvalidInput(f"{count} images in one request; the limit is {limit}")
-
-
-async def _read_multipart(request: Request, limit: int) -> tuple[list[bytes], list[str], int]:
-    form = await request.form(max_files=limit, max_fields=8)
-    try:
-        files = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
-        if not files:
-            fields = sorted(set(form.keys()))
-            raise InvalidInput(f"no image files in the 'files' field (got fields {fields})")
-        _check_count(len(files), limit)
-        raw_k = form.get("top_k", str(DEFAULT_TOP_K))
-        if not isinstance(raw_k, str) or not raw_k.strip().isdigit() or int(raw_k) < 1:
-            raise InvalidInput(f"top_k must be a positive integer, got {raw_k!r}")
-        blobs = [await f.read() for f in files]
-        names = [f"file {f.filename or i}" for i, f in enumerate(files)]
-        return blobs, names, int(raw_k)
-    finally:
-        await form.close()
-
-
-def _format(p: Prediction, classes: list[str], k: int) -> PredictionOut:
-    top_p, top_i = p.probabilities.topk(k)
-    return PredictionOut(
-        request_id=p.request_id,
-        label=p.label,
-        class_name=classes[p.label],
-        confidence=p.confidence,
-        entropy=p.entropy,
-        top_k=[
-            TopK(label=int(i), class_name=classes[int(i)], probability=float(v))
-            for v, i in zip(top_p.tolist(), top_i.tolist(), strict=True)
-        ],
-        reliable=p.reliable,
-        selected=p.selected,
-        parameter_version=p.parameter_version,
-    )
+    out = [PredictionOut(**prediction_fields(p, engine.classes, top_k)) for p in predictions]
+    return PredictResponse(model=engine.name, predictions=out)
 
 
 # ------------------------------------------------------------------------------------ feedback and state

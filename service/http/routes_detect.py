@@ -9,51 +9,25 @@ answered (quote it, with the request id, in that model's ``/feedback``).
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.routing import Match
 from starlette.types import Scope
 
 from service.clip.preprocess import open_image
 from service.clip.routing import Choice
-from service.clip.selection import Routing, build_routing
-from service.engine import EngineRegistry
-from service.http_errors import ApiError, bad_request_from
-from service.metrics import ServiceMetrics
-from service.preprocess import decode_base64
-from service.routes_v1 import _PREDICT_BODY, PredictionOut, PredictJSON, _check_count, _format, _read_multipart
-from service.routes_v2 import AppSettings, Registry
-from service.settings import Settings
+from service.http.dependencies import AppRouting, AppSettings, Registry
+from service.http.errors import ApiError
+from service.http.image_requests import PREDICT_BODY, read_images
+from service.http.routes_v1 import PredictionOut
+from service.predictions import prediction_fields
 
 router = APIRouter(prefix="/v1", tags=["v1: expert routing and detection"])
 
 
 # ------------------------------------------------------------------------------------ wiring
-def routing_for_app(settings: Settings, registry: EngineRegistry, metrics: ServiceMetrics) -> Routing | None:
-    """Build the configured routing (None without a ``routing`` block); metrics go to the app's registry."""
-    if settings.routing is None:
-        return None
-    base = settings.config.parent if settings.config is not None else None
-    return build_routing(settings.routing, registry.names(), base=base, metrics_registry=metrics.registry)
-
-
-async def get_routing(request: Request) -> Routing:
-    """The app's routing: 404 when none is configured, 503 while it loads."""
-    if request.app.state.settings.routing is None:
-        raise ApiError(404, "expert routing is not configured (add a 'routing' block to the configuration)")
-    routing: Routing | None = getattr(request.app.state, "routing", None)
-    if routing is None:
-        raise ApiError(503, "expert routing is still loading")
-    return routing
-
-
-AppRouting = Annotated[Routing, Depends(get_routing)]
-
-
 # ------------------------------------------------------------------------------------ schemas
 class RoutingOut(BaseModel):
     table: str = Field(description="the route table: 'detect' or the ensemble's name")
@@ -128,27 +102,6 @@ def _routing_out(table: str, c: Choice) -> RoutingOut:
     )
 
 
-# ------------------------------------------------------------------------------------ request bodies
-async def _read_images(request: Request, limit: int) -> tuple[list[bytes], list[str], int]:
-    """Encoded images from multipart ``files`` or JSON ``{"images": [...]}``, plus ``top_k``."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type == "multipart/form-data":
-        return await _read_multipart(request, limit)
-    if content_type == "application/json" or content_type.endswith("+json"):
-        try:
-            body = PredictJSON.model_validate_json(await request.body())
-        except ValidationError as exc:
-            raise bad_request_from(exc) from None
-        _check_count(len(body.images), limit)
-        blobs = [decode_base64(img, f"images[{i}]") for i, img in enumerate(body.images)]
-        return blobs, [f"images[{i}]" for i in range(len(blobs))], body.top_k
-    raise ApiError(
-        415,
-        f"unsupported content type {content_type or 'none'!r}: send multipart/form-data with image files in "
-        "'files', or application/json with {\"images\": [<base64>, ...]}",
-    )
-
-
 async def _open_images(blobs: list[bytes], names: list[str], max_pixels: int) -> list:
     return await run_in_threadpool(
         lambda: [open_image(b, max_pixels, n) for b, n in zip(blobs, names, strict=True)]
@@ -183,7 +136,7 @@ async def detect(request: Request, routing: AppRouting, settings: AppSettings) -
     if "detect" not in routing.selectors:
         raise ApiError(404, "no detection route table configured (add 'routing.detect')")
     assert settings.routing is not None
-    blobs, names, _ = await _read_images(request, settings.routing.max_images_per_request)
+    blobs, names, _ = await read_images(request, settings.routing.max_images_per_request)
     images = await _open_images(blobs, names, settings.max_image_pixels)
     answers = await routing.detect(images)
     return DetectResponse(
@@ -220,7 +173,7 @@ ensembles = APIRouter(route_class=EnsembleRoute)  # under this router's /v1 pref
     "/models/{name}/predict",
     response_model=RoutedPredictResponse,
     summary="Predict with a routed ensemble: CLIP picks the expert model for each image",
-    openapi_extra=_PREDICT_BODY,
+    openapi_extra=PREDICT_BODY,
     include_in_schema=False,  # same path as the ordinary predict route; documented in docs/clip.md
 )
 async def predict_routed(
@@ -230,14 +183,13 @@ async def predict_routed(
     for expert in routing.selectors[name].table.experts:
         if not registry.get(expert).ready:
             raise ApiError(503, f"model {expert!r} (an expert of {name!r}) is not ready")
-    blobs, names, top_k = await _read_images(request, limit)
+    blobs, names, top_k = await read_images(request, limit)
     images = await _open_images(blobs, names, settings.max_image_pixels)
     answers = await routing.predict(name, registry, images)
     out = []
     for a in answers:
-        k = min(top_k, len(a.engine.classes))
-        base = _format(a.prediction, a.engine.classes, k)
-        out.append(RoutedPredictionOut(**base.model_dump(), expert=a.engine.name, routing=_routing_out(name, a.choice)))
+        base = prediction_fields(a.prediction, a.engine.classes, top_k)
+        out.append(RoutedPredictionOut(**base, expert=a.engine.name, routing=_routing_out(name, a.choice)))
     return RoutedPredictResponse(model=name, predictions=out)
 
 

@@ -11,7 +11,7 @@ import secrets
 
 from fastapi import Request
 
-from service.http_errors import ApiError
+from service.http.errors import ApiError
 from service.settings import Settings
 
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}

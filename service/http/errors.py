@@ -16,8 +16,14 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.engine import InvalidInput, SnapshotNotFound, UnknownModel, UnknownRequestIds
-from service.redis_state import StoreUnavailable
+from service.errors import (
+    ImageTooLarge,
+    InvalidInput,
+    SnapshotNotFound,
+    StoreUnavailable,
+    UnknownModel,
+    UnknownRequestIds,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +38,6 @@ class ApiError(StarletteHTTPException):
 class BodyTooLarge(ApiError):
     def __init__(self, limit: int) -> None:
         super().__init__(413, f"request body exceeds the limit of {limit} bytes")
-
-
-class ImageTooLarge(InvalidInput):
-    """An image with more pixels than ``max_image_pixels``."""
 
 
 def error_response(status: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:

@@ -26,10 +26,11 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import State
 
-from service.engine import EngineRegistry, InvalidInput, ModelEngine, UnknownModel
-from service.http_errors import describe_validation_errors
+from service.engine import EngineRegistry, ModelEngine
+from service.errors import InvalidInput, UnknownModel
+from service.http.errors import describe_validation_errors
+from service.predictions import DEFAULT_TOP_K, prediction_fields
 from service.preprocess import decode_base64, decode_image, uint8_nhwc_to_tensor
-from service.routes_v1 import DEFAULT_TOP_K, _format
 from service.settings import Settings
 
 router = APIRouter(tags=["v1: convenience and admin"])
@@ -155,7 +156,7 @@ class _Connection:
         except Exception as exc:  # an engine fault fails this frame, never the connection
             return self._error(seq, client_id, f"prediction failed ({type(exc).__name__}: {exc})")
         classes = self.engine.classes
-        out = _format(prediction, classes, min(top_k, len(classes))).model_dump()
+        out = prediction_fields(prediction, classes, top_k)
         return {"seq": seq, "id": client_id, "model": self.engine.name, **out}
 
     def _parse(self, message: dict[str, Any]) -> tuple[bytes | str, str | int | None, int]:

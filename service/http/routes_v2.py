@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import json
 import zlib
-from typing import Annotated, Any
+from typing import Any
 
 import torch
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service.engine import EngineRegistry, ModelEngine, Prediction
-from service.http_errors import ApiError, BodyTooLarge, bad_request_from
+from service.http.dependencies import AppSettings, Engine, ReadyEngine
+from service.http.errors import ApiError, BodyTooLarge, bad_request_from
 from service.preprocess import FP32, array_from_bytes, array_from_json, array_to_tensor, check_tensor_header
-from service.settings import Settings
 
 PLATFORM = "tta-serve-pytorch"
 VERSION = "1"
@@ -31,42 +31,6 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 SERVER_EXTENSIONS = ["binary_tensor_data"]
 
 router = APIRouter(tags=["v2: Open Inference Protocol"])
-
-
-# ------------------------------------------------------------------------------------ dependencies
-# Async on purpose: FastAPI runs plain `def` dependencies in a thread pool, a hop per dependency per request.
-async def get_settings(request: Request) -> Settings:
-    return request.app.state.settings
-
-
-async def get_registry(request: Request) -> EngineRegistry:
-    """The app's engines; 503 while models are still loading."""
-    registry: EngineRegistry | None = request.app.state.registry
-    if registry is None:
-        raise ApiError(503, "models are still loading")
-    return registry
-
-
-Registry = Annotated[EngineRegistry, Depends(get_registry)]
-AppSettings = Annotated[Settings, Depends(get_settings)]
-
-
-async def get_engine(name: str, registry: Registry) -> ModelEngine:
-    """The engine serving ``name`` (looked up in the registry only; 404 naming the served models)."""
-    return registry.get(name)
-
-
-Engine = Annotated[ModelEngine, Depends(get_engine)]
-
-
-async def ready_engine(engine: Engine) -> ModelEngine:
-    """The engine, or 503 when it is not running (starting up or shutting down)."""
-    if not engine.ready:
-        raise ApiError(503, f"model {engine.name!r} is not ready")
-    return engine
-
-
-ReadyEngine = Annotated[ModelEngine, Depends(ready_engine)]
 
 
 def check_version(version: str | None, engine: ModelEngine) -> None:

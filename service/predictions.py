@@ -1,0 +1,32 @@
+"""The one JSON shape of a served prediction: the v1 routes, routed ensembles, WebSocket and stream.
+
+The engine hands out :class:`~service.engine.Prediction` objects holding tensors; everything a client
+reads is made here, so every transport says the same thing under the same names.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from service.engine import Prediction
+
+DEFAULT_TOP_K = 3
+
+
+def prediction_fields(p: Prediction, classes: list[str], top_k: int = DEFAULT_TOP_K) -> dict[str, Any]:
+    """A prediction as plain values, with its ``top_k`` classes (capped at the class count)."""
+    top_p, top_i = p.probabilities.topk(min(top_k, len(classes)))
+    return {
+        "request_id": p.request_id,
+        "label": p.label,
+        "class_name": classes[p.label],
+        "confidence": p.confidence,
+        "entropy": p.entropy,
+        "top_k": [
+            {"label": i, "class_name": classes[i], "probability": v}
+            for v, i in zip(top_p.tolist(), top_i.tolist(), strict=True)
+        ],
+        "reliable": p.reliable,
+        "selected": p.selected,
+        "parameter_version": p.parameter_version,
+    }
