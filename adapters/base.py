@@ -107,6 +107,11 @@ class Adapter:
     uses_batch_statistics: ClassVar[bool] = True
     #: False for methods that never update parameters (source, norm).
     updates_parameters: ClassVar[bool] = False
+    #: True for methods with EATA's Fisher penalty: they take ``fisher``/``fisher_data``.
+    uses_fisher: ClassVar[bool] = False
+    #: Whether answers are the model's plain output (no own forward or calibration, unlike EATA-C), so a
+    #: server may answer from a traced graph of the model.
+    traceable: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -137,9 +142,10 @@ class Adapter:
 
     # ----------------------------------------------------------------- hooks for methods
     def select(self, logits: torch.Tensor, ent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Masks (reliable, selected) for the batch; default: every sample is both."""
+        """Masks (reliable, selected) for the batch; default: every sample is reliable, and selected (drives
+        the update) exactly when the method updates parameters."""
         every = torch.ones_like(ent, dtype=torch.bool)
-        return every, every
+        return every, every if self.updates_parameters else torch.zeros_like(every)
 
     def loss(self, x: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The method's loss over the samples in ``mask`` (``x``/``logits`` carry the graph)."""

@@ -64,7 +64,7 @@ def create(
     opts = method_options(method, **options)
     kwargs: dict[str, Any] = {"num_classes": num_classes, "prob_cache": prob_cache}
     if fisher is not None or fisher_data is not None:
-        if not getattr(cls, "uses_fisher", False):
+        if not cls.uses_fisher:
             raise AdapterConfigError(f"method {method!r} takes no Fisher information")
         if isinstance(fisher, str | Path):
             fisher = FisherInfo.load(fisher)

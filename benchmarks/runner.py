@@ -323,7 +323,7 @@ def run_method(
     never depends on which methods or corruptions ran before it.
     """
     torch.manual_seed(seed)
-    uses_fisher = getattr(adapters.METHODS[method], "uses_fisher", False)
+    uses_fisher = adapters.METHODS[method].uses_fisher
     adapter = adapters.create(method, model, fisher=fisher if uses_fisher else None, **dict(options))
     errors: dict[str, float] = {}
     eces: dict[str, float] = {}
@@ -399,7 +399,7 @@ def run_benchmark(
 
     fisher = None
     fisher_images = clean_x[: config.fisher_size]
-    if any(getattr(adapters.METHODS[m], "uses_fisher", False) for m in config.methods):
+    if any(adapters.METHODS[m].uses_fisher for m in config.methods):
         fisher = fisher_for(model, fisher_images, config.batch_size, cache / "fisher")
 
     torch.manual_seed(config.seed)

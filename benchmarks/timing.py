@@ -56,7 +56,7 @@ def main() -> None:
                 model(batch)
             times["plain forward"].append((time.perf_counter() - start) / n)
         for label, method, options in VARIANTS:
-            uses_fisher = getattr(adapters.METHODS[method], "uses_fisher", False)
+            uses_fisher = adapters.METHODS[method].uses_fisher
             adapter = adapters.create(method, model, fisher=fisher if uses_fisher else None, **options)
             adapter.step(stream[0])  # first step: moving average and optimiser state exist
             start = time.perf_counter()

@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 
-import adapters
 from service.allocator import tune_allocator
 from service.clip.selection import Routing, build_routing
 from service.engine import EngineObserver, EngineRegistry, ModelEngine
@@ -35,7 +34,7 @@ def default_threads(settings: Settings) -> int:
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     backward_on_request_path = any(
-        m.adapts_in_sync and adapters.METHODS[m.method].updates_parameters for m in settings.resolved_models()
+        m.adapts_in_sync for m in settings.resolved_models()
     )
     return cores if backward_on_request_path else max(1, cores - 1)
 

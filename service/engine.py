@@ -74,8 +74,6 @@ class EngineObserver:
 
     def on_reset(self, model: str, reason: str) -> None: ...
 
-    def on_queue_depth(self, model: str, depth: int) -> None: ...
-
     def on_start(self, model: str, info: dict[str, str], health: Callable[[], dict[str, Any]]) -> None:
         """The engine is serving. ``info`` holds its static labels (method, mode, role); ``health`` returns
         its gauges (:meth:`ModelEngine.health`, thread-safe and cheap) for reading at scrape time."""
@@ -105,9 +103,9 @@ def _request_ids(n: int) -> list[str]:
 class EngineCounters:
     images_served: int = 0
     batches: int = 0
-    adapt_batches_queued: int = 0
-    adapt_batches_dropped: int = 0
-    adapt_samples_dropped: int = 0
+    adapt_queued_batches: int = 0
+    adapt_dropped_batches: int = 0
+    adapt_dropped_samples: int = 0
 
 
 class ModelEngine:
@@ -235,8 +233,7 @@ class ModelEngine:
             raise RuntimeError(f"engine {self.name} is not started")
         parts = batching.split(self.validate(images), self.config.max_batch_size, loop)
         for pending in parts:
-            waiting = self._worker.put_request(pending)
-        self.observer.on_queue_depth(self.name, waiting)
+            self._worker.put_request(pending)
         results = await asyncio.gather(*(p.future for p in parts))
         return [p for part in results for p in part]
 
@@ -344,11 +341,11 @@ class ModelEngine:
         batch = torch.cat(self._pending_adapt)
         self._pending_adapt = []
         if self._worker.pending(ADAPT) >= self.config.adapt_queue_size:
-            self.counters.adapt_batches_dropped += 1
-            self.counters.adapt_samples_dropped += batch.shape[0]
+            self.counters.adapt_dropped_batches += 1
+            self.counters.adapt_dropped_samples += batch.shape[0]
             self.observer.on_adapt_dropped(self.name, batch.shape[0])
             return
-        self.counters.adapt_batches_queued += 1
+        self.counters.adapt_queued_batches += 1
         self._worker.submit(lambda: self._step(batch), ADAPT)
 
     async def _evaluate_on_worker(self, model: adapters.Adapter, x: torch.Tensor) -> torch.Tensor:
@@ -404,15 +401,12 @@ class ModelEngine:
         self.observer.on_reset(self.name, adapters.guard.MANUAL)
 
     def feedback(self, labels: dict[str, int]) -> dict[str, Any]:
-        """Record true labels for earlier request ids; all-or-nothing so a typo never half-applies."""
+        """Record true labels for earlier request ids (all-or-nothing); the window's numbers after them,
+        named as in the health snapshot (ratios)."""
         accepted = self.feedback_ledger.record(labels)
-        return {"accepted": accepted, **self.online_calibration()}
-
-    def online_calibration(self) -> dict[str, Any]:
-        """Rolling accuracy and ECE (percent) over the labelled window."""
         c = self.feedback_ledger.calibration()
-        percent = None if c.accuracy is None else 100 * c.accuracy
-        return {"labelled": c.labelled, "accuracy": percent, "ece": None if c.ece is None else 100 * c.ece}
+        return {"accepted": accepted, "feedback_window_samples": c.labelled,
+                "feedback_accuracy_ratio": c.accuracy, "feedback_ece_ratio": c.ece}
 
     async def save_snapshot(self, name: str) -> SnapshotInfo:
         state = await self.run_on_worker(self.adapter.state_dict)
@@ -438,11 +432,12 @@ class ModelEngine:
         return await self.monitor.evaluate_probe(self._evaluate_on_worker, self.source)
 
     def health_snapshot(self) -> HealthSnapshot:
-        return self.monitor.snapshot()
+        """Every health number now; thread-safe and cheap (the collector calls it at each scrape)."""
+        return self.monitor.snapshot(queue_depth_images=self._worker.waiting_images)
 
     def health(self) -> dict[str, Any]:
         """The health snapshot as a dict keyed by metric name without ``tta_`` (the collector reads it)."""
-        return self.monitor.snapshot().as_dict()
+        return self.health_snapshot().as_dict()
 
     def _info(self) -> dict[str, Any]:
         stats = self.adapter.stats
@@ -453,24 +448,20 @@ class ModelEngine:
             "method": self.adapter.name,
             "mode": self.config.mode,
             "options": description["options"],
-            "e0": description["e0"],
             "steps": stats.steps,
             "updates": stats.updates,
             "samples_seen": stats.samples_seen,
             "samples_reliable": stats.samples_reliable,
             "samples_selected": stats.samples_selected,
-            "entropy_ema": stats.entropy_ema,
             "parameter_version": stats.parameter_version,
-            "parameter_drift": self.monitor.drift,
             "resets": dict(stats.resets),
             "last_reset_reason": self._last_reset_reason,
             "images_served": self.counters.images_served,
             "batches": self.counters.batches,
             "frozen_fallbacks": self.small_batch.frozen_fallbacks,
-            "adapt_batches_queued": self.counters.adapt_batches_queued,
-            "adapt_batches_dropped": self.counters.adapt_batches_dropped,
-            "adapt_samples_dropped": self.counters.adapt_samples_dropped,
-            "online": self.online_calibration(),
+            "adapt_queued_batches": self.counters.adapt_queued_batches,
+            "adapt_dropped_batches": self.counters.adapt_dropped_batches,
+            "adapt_dropped_samples": self.counters.adapt_dropped_samples,
             "fisher": description.get("fisher", False),
             "replication": self.store_status(),
             "health": self.health(),

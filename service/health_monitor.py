@@ -59,6 +59,7 @@ class HealthSnapshot:
     feedback_window_samples: int
     state_store_up: bool | None
     replica_leader: bool | None
+    queue_depth_images: int
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -169,7 +170,7 @@ class HealthMonitor:
         }
 
     # ------------------------------------------------------------------ the snapshot
-    def snapshot(self) -> HealthSnapshot:
+    def snapshot(self, queue_depth_images: int = 0) -> HealthSnapshot:
         """Thread-safe and cheap (no model work): the collector calls it at every scrape."""
         stats = self.adapter.stats
         calibration = self.feedback.calibration()
@@ -187,6 +188,7 @@ class HealthMonitor:
             feedback_window_samples=calibration.labelled,
             state_store_up=None if self.replica is None else self.replica.store_up,
             replica_leader=None if self.replica is None else self.replica.is_leader,
+            queue_depth_images=queue_depth_images,
         )
 
 

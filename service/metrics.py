@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
@@ -97,7 +97,6 @@ class ServiceMetrics(EngineObserver):
             "tta_adapt_dropped_samples_total", "samples whose adaptation was dropped (queue full)", ["model"],
             registry=r,
         )
-        self.queue_depth = Gauge("tta_queue_depth", "requests waiting to be batched", ["model"], registry=r)
         self.resets = Counter("tta_resets_total", "adapter resets by reason", ["model", "reason"], registry=r)
         self.health_collector = EngineHealthCollector()
         r.register(self.health_collector)
@@ -145,7 +144,7 @@ class ServiceMetrics(EngineObserver):
         self.health_collector.add(model, info, health)
         for reason in RESET_REASONS:
             self.resets.labels(model, reason)
-        for per_model in (self.batch_size, self.batch_duration, self.adapt_dropped, self.queue_depth):
+        for per_model in (self.batch_size, self.batch_duration, self.adapt_dropped):
             per_model.labels(model)
         for per_method in (self.adapt_steps, self.adapt_step_duration, self.samples_seen, self.samples_reliable,
                            self.samples_selected, self.prediction_entropy, self.prediction_confidence):
@@ -160,8 +159,6 @@ class ServiceMetrics(EngineObserver):
     def on_reset(self, model: str, reason: str) -> None:
         self.resets.labels(model, reason).inc()
 
-    def on_queue_depth(self, model: str, depth: int) -> None:
-        self.queue_depth.labels(model).set(depth)
 
 
 _HEALTH_GAUGES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
@@ -191,6 +188,7 @@ _HEALTH_GAUGES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("feedback_window_samples", "labelled predictions in the feedback window", MODEL_METHOD),
     ("state_store_up", "1: the shared state store (Redis) answers; 0: down, serving from local state", MODEL),
     ("replica_leader", "1: this replica holds the leader lease and adapts; 0: it follows", MODEL),
+    ("queue_depth_images", "images waiting to be batched, now (the signal to scale on)", MODEL),
 )
 _HEALTH_COUNTERS: tuple[tuple[str, str], ...] = (
     ("source_agreement_checked_samples_total", "served predictions re-run through the source model"),

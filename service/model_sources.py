@@ -70,7 +70,7 @@ def _default_classes(config: ModelConfig, num_outputs: int) -> list[str]:
 
 
 def _fisher(config: ModelConfig, module: nn.Module) -> adapters.FisherInfo | None:
-    if config.method not in ("eata", "eata-c"):
+    if not adapters.METHODS[config.method].uses_fisher:
         return None
     if config.fisher is not None:
         return adapters.FisherInfo.load(config.fisher, module)

@@ -131,8 +131,9 @@ class ModelConfig(BaseModel):
             adapters.method_options(self.method, **self.effective_options())
         except adapters.AdapterConfigError as exc:
             raise ValueError(str(exc)) from None
-        if (self.fisher or self.fisher_data) and self.method not in ("eata", "eata-c"):
-            raise ValueError(f"'fisher'/'fisher_data' only apply to eata and eata-c, not {self.method!r}")
+        if (self.fisher or self.fisher_data) and not adapters.METHODS[self.method].uses_fisher:
+            with_fisher = sorted(name for name, cls in adapters.METHODS.items() if cls.uses_fisher)
+            raise ValueError(f"'fisher'/'fisher_data' only apply to {', '.join(with_fisher)}, not {self.method!r}")
         return self
 
     @model_validator(mode="after")
@@ -144,12 +145,13 @@ class ModelConfig(BaseModel):
     @property
     def adapts_in_sync(self) -> bool:
         """Whether answers come from the forward pass of an adaptation step (the batching policy differs)."""
-        return self.mode == "sync" and self.method != "source"
+        return self.mode == "sync" and adapters.METHODS[self.method].updates_parameters
 
     def effective_options(self) -> dict[str, Any]:
         """Method options with the service's collapse-guard default applied."""
         options = dict(self.options)
-        if self.collapse_guard and self.method in ("tent", "eata", "eata-c"):
+        method = adapters.METHODS.get(self.method)  # an unknown one is refused by the validator
+        if self.collapse_guard and method is not None and method.updates_parameters:
             options.setdefault("guard", {"enabled": True})
         return options
 

@@ -88,9 +88,7 @@ class SmallBatchPredictor:
     def _traceable(self) -> bool:
         """Whether the adapter's answers are its model's output (not EATA-C's own forward or calibration)
         and tracing is on: then its no-gradient answers may come from traced graphs."""
-        method = type(self.adapter)
-        plain = method.forward is adapters.Adapter.forward and method.calibrate is adapters.Adapter.calibrate
-        return self.config.trace_source and plain
+        return self.config.trace_source and self.adapter.traceable
 
     def _recent_graph(self) -> torch.nn.Module | None:
         """The adapted model normalising with the recent statistics as a traced graph (built once, on first

@@ -109,6 +109,11 @@ class ModelWorker:
             return sum(1 for job in self._jobs if job[0] == priority)
 
     @property
+    def waiting_images(self) -> int:
+        """Images of the requests waiting to be batched, now (read by scrapes: current when the queue drains)."""
+        return self._waiting_images
+
+    @property
     def alive(self) -> bool:
         return self._thread.is_alive()
 

@@ -340,3 +340,19 @@ def test_state_survives_a_round_trip_through_bytes_without_pickle(method):
         from safetensors.torch import save
 
         state_from_bytes(save({"x": torch.zeros(1)}))
+
+
+@pytest.mark.parametrize("method", ["source", "norm"])
+def test_methods_that_update_nothing_select_nothing(method):
+    """``selected`` means "drove the update": never true for methods without one (and nothing is counted)."""
+    adapter = adapters.create(method, small_bn_cnn())
+    result = adapter.step(images(16))
+    assert not result.selected.any() and not result.updated
+    assert adapter.stats.samples_selected == 0 and adapter.stats.samples_seen == 16
+
+
+def test_capabilities_are_declared_by_the_method_classes():
+    declared = {name: (c.updates_parameters, c.uses_fisher, c.traceable) for name, c in adapters.METHODS.items()}
+    assert declared["source"] == (False, False, True) and declared["norm"] == (False, False, True)
+    assert declared["tent"] == (True, False, True) and declared["eata"] == (True, True, True)
+    assert declared["eata-c"] == (True, True, False)

@@ -68,7 +68,7 @@ def test_sync_mode_adapts_on_full_batches_and_reports_selection():
     first, second, info = run(scenario())
     assert all(p.selected is True for p in first)
     assert first[0].parameter_version == 0 and second[0].parameter_version == 1  # the weights that answered
-    assert info["steps"] == 2 and info["samples_selected"] == 64 and info["parameter_drift"] > 0
+    assert info["steps"] == 2 and info["samples_selected"] == 64 and info["health"]["parameter_drift_ratio"] > 0
 
 
 def test_small_batches_use_recent_inputs_as_context_and_adapt_once_enough_accumulate():
@@ -100,9 +100,9 @@ def test_async_mode_answers_every_request_and_drops_adaptation_work_when_full():
 
     answers, info = run(scenario())
     assert sum(len(a) for a in answers) == 12 * 16
-    assert info["adapt_batches_queued"] + info["adapt_batches_dropped"] == 12
-    assert info["steps"] == info["adapt_batches_queued"]
-    assert info["adapt_samples_dropped"] == 16 * info["adapt_batches_dropped"]
+    assert info["adapt_queued_batches"] + info["adapt_dropped_batches"] == 12
+    assert info["steps"] == info["adapt_queued_batches"]
+    assert info["adapt_dropped_samples"] == 16 * info["adapt_dropped_batches"]
 
 
 def test_bad_input_is_refused_with_the_problem_named():
@@ -134,8 +134,8 @@ def test_feedback_gives_the_same_ece_as_computed_offline():
     predictions, result = run(scenario())
     probs = torch.stack([p.probabilities for p in predictions])
     offline = adapters.expected_calibration_error(probs.log(), torch.arange(64) % 10)
-    assert result["accepted"] == 64 and result["labelled"] == 64
-    assert result["ece"] == pytest.approx(offline, abs=1e-6)
+    assert result["accepted"] == 64 and result["feedback_window_samples"] == 64
+    assert result["feedback_ece_ratio"] == pytest.approx(offline / 100, abs=1e-8)
 
 
 def test_snapshots_restore_the_adapted_state_and_reset_returns_to_source():
@@ -157,7 +157,7 @@ def test_snapshots_restore_the_adapted_state_and_reset_returns_to_source():
     saved, params, restored, info, engine = run(scenario())
     assert saved.parameter_version == 1 and [s.name for s in engine.list_snapshots()] == ["after-one"]
     assert all(torch.equal(params[k], v) for k, v in restored.items())
-    assert info["resets"] == {"manual": 1} and info["parameter_drift"] == 0.0
+    assert info["resets"] == {"manual": 1} and info["health"]["parameter_drift_ratio"] == 0.0
 
 
 def test_configuration_errors_name_the_field(tmp_path):

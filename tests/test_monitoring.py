@@ -162,7 +162,7 @@ def test_feedback_ece_and_accuracy_match_an_offline_computation(run):
     assert metric(end, "tta_feedback_ece_ratio", **DIGITS) == pytest.approx(expected_ece, abs=1e-6)
     assert metric(end, "tta_feedback_accuracy_ratio", **DIGITS) == pytest.approx(expected_accuracy, abs=1e-6)
     assert metric(end, "tta_feedback_window_samples", **DIGITS) == len(labels)
-    assert run["feedback"]["ece"] == pytest.approx(100 * expected_ece, abs=1e-4)  # the route reports percent
+    assert run["feedback"]["feedback_ece_ratio"] == pytest.approx(expected_ece, abs=1e-6)  # the route: same unit
 
 
 def test_probe_reports_both_accuracies_and_their_gap(run):
@@ -179,7 +179,7 @@ def test_the_api_and_the_metrics_report_the_same_numbers(run):
     health, end = run["info"]["health"], run["end"]
     compared = 0
     for key, value in health.items():
-        labels = {"model": "digits"} if key in ("state_store_up", "replica_leader") else DIGITS
+        labels = {"model": "digits"} if key in ("state_store_up", "replica_leader", "queue_depth_images") else DIGITS
         if isinstance(value, dict):
             for variant, v in value.items():
                 assert metric(end, f"tta_{key}", variant=variant, **labels) == v
@@ -192,8 +192,8 @@ def test_the_api_and_the_metrics_report_the_same_numbers(run):
     assert compared >= 18
     assert metric(end, "tta_model_info", model="digits", method="eata", mode="sync", role="standalone") == 1
     info = run["info"]
-    assert metric(end, "tta_parameter_version", **DIGITS) == info["parameter_version"]
-    assert metric(end, "tta_parameter_drift_ratio", **DIGITS) == info["parameter_drift"]
+    assert metric(end, "tta_parameter_version", **DIGITS) == info["health"]["parameter_version"]
+    assert metric(end, "tta_parameter_drift_ratio", **DIGITS) == info["health"]["parameter_drift_ratio"]
 
 
 # ------------------------------------------------------------------------------------ units

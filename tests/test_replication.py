@@ -80,8 +80,8 @@ def test_snapshots_persist_in_redis_and_a_restarted_replica_resumes_them(drifted
     with TestClient(create_app(settings_for(model, resume_snapshot="adapted"))) as client:
         info = client.get(f"/v1/models/{model}/adaptation").json()
         listed = client.get(f"/v1/models/{model}/snapshots").json()
-    assert info["parameter_version"] == saved["parameter_version"] and info["steps"] == adapted["steps"]
-    assert info["parameter_drift"] == pytest.approx(adapted["parameter_drift"])
+    assert info["health"]["parameter_version"] == saved["parameter_version"] and info["steps"] == adapted["steps"]
+    assert info["health"]["parameter_drift_ratio"] == pytest.approx(adapted["health"]["parameter_drift_ratio"])
     assert [s["name"] for s in listed["snapshots"]] == ["adapted"]
 
 
@@ -92,7 +92,7 @@ def test_a_published_state_of_another_model_or_undecodable_bytes_is_refused(drif
     channel.publish({"method": "eata", "model_hash": "0000", "params": {}, "optimizer": None})
     with TestClient(create_app(settings_for(model, role="follower"))) as client:
         info = client.get(f"/v1/models/{model}/adaptation").json()
-        assert info["parameter_drift"] == 0.0 and info["replication"]["refused_snapshots"]
+        assert info["health"]["parameter_drift_ratio"] == 0.0 and info["replication"]["refused_snapshots"]
         version = connection.client.incr(channel.counter_key)
         connection.client.set(f"{channel.blob_prefix}:{version}", b"garbage")
         connection.client.set(channel.version_key, version)

@@ -65,6 +65,7 @@ def temperature_to_confidence(logits: torch.Tensor, target: torch.Tensor, iters:
 @register
 class EataC(Eata):
     name = "eata-c"
+    traceable = False  # answers come from its own calibration of full and sub-network passes
     Options = EataCOptions
     options: EataCOptions
 

@@ -77,9 +77,9 @@ class FeedbackRequest(BaseModel):
 class FeedbackResponse(BaseModel):
     model: str
     accepted: int
-    labelled: int = Field(description="labelled predictions in the rolling window")
-    accuracy: float | None = Field(description="online accuracy over the window (percent)")
-    ece: float | None = Field(description="online expected calibration error over the window (percent)")
+    feedback_window_samples: int = Field(description="labelled predictions in the rolling window")
+    feedback_accuracy_ratio: float | None = Field(description="accuracy over the window, 0-1 (null: no label yet)")
+    feedback_ece_ratio: float | None = Field(description="expected calibration error over the window, 0-1")
 
 
 class ResetResponse(BaseModel):
