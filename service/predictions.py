@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+import torch
+
 from service.engine import Prediction
 
 DEFAULT_TOP_K = 3
@@ -30,3 +33,8 @@ def prediction_fields(p: Prediction, classes: list[str], top_k: int = DEFAULT_TO
         "selected": p.selected,
         "parameter_version": p.parameter_version,
     }
+
+
+def probability_matrix(predictions: list[Prediction]) -> np.ndarray:
+    """Every prediction's class probabilities as one little-endian float32 N x C array (the v2 output)."""
+    return torch.stack([p.probabilities for p in predictions]).numpy().astype("<f4", copy=False)

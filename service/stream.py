@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import re
@@ -38,6 +39,7 @@ from PIL import Image
 
 from service.engine import ModelEngine, Prediction
 from service.errors import InvalidInput, StoreUnavailable
+from service.predictions import prediction_fields
 from service.preprocess import decode_image, uint8_nhwc_to_tensor
 from service.redis_state import KEY_PREFIX, RedisConnection
 from service.settings import Settings
@@ -357,9 +359,8 @@ class StreamConsumer:
             "model": self.engine.name,
             "consumer": self.options.consumer,
         }
-        if p is not None:
-            out.update(label=str(p.label), class_name=self.engine.classes[p.label], confidence=repr(p.confidence),
-                       entropy=repr(p.entropy), parameter_version=str(p.parameter_version))
+        if p is not None:  # the one prediction shape, as flat text fields
+            out.update({key: _field_text(value) for key, value in prediction_fields(p, self.engine.classes).items()})
         else:
             out["error"] = error or "unknown error"
         if b"meta" in entry.fields:
@@ -444,3 +445,14 @@ def serve_stream(settings: Settings, options: StreamOptions, url: str, model: st
         return await run_stream(settings, options, url, model, stop)
 
     return 0 if asyncio.run(main()) else 1
+
+
+def _field_text(value: object) -> str:
+    """A prediction value as a stream field: numbers as text, booleans as true/false, lists as JSON, None empty."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return json.dumps(value)
+    return str(value)

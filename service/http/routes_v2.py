@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import json
 import zlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service.engine import EngineRegistry, ModelEngine, Prediction
 from service.http.dependencies import AppSettings, Engine, ReadyEngine
 from service.http.errors import ApiError, BodyTooLarge, bad_request_from
+from service.predictions import probability_matrix
 from service.preprocess import FP32, array_from_bytes, array_from_json, array_to_tensor, check_tensor_header
+
+if TYPE_CHECKING:  # the route hands tensors over; it never computes on them
+    import torch
 
 PLATFORM = "tta-serve-pytorch"
 VERSION = "1"
@@ -309,7 +312,7 @@ def infer_response(
     engine: ModelEngine, req: InferRequest, predictions: list[Prediction], outputs: list[tuple[str, bool]]
 ) -> Response:
     """Format probabilities as JSON, or as Triton binary outputs when any output asks for binary data."""
-    probs = torch.stack([p.probabilities for p in predictions]).numpy().astype("<f4", copy=False)
+    probs = probability_matrix(predictions)
     shape = list(probs.shape)
     header: dict[str, Any] = {"model_name": engine.name, "model_version": VERSION}
     if req.id is not None:
