@@ -21,25 +21,18 @@ class PredictJSON(BaseModel):
     top_k: int = Field(DEFAULT_TOP_K, ge=1, description="classes listed per image (capped at the class count)")
 
 
-#: The OpenAPI request body of every route that reads images this way (FastAPI cannot infer it).
-PREDICT_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {
-                        "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
-                        "top_k": {"type": "integer", "minimum": 1, "default": DEFAULT_TOP_K},
-                    },
-                    "required": ["files"],
-                }
-            },
-            "application/json": {"schema": {"$ref": "#/components/schemas/PredictJSON"}},
-        },
-    }
-}
+def image_request_body(top_k: bool = True) -> dict:
+    """The OpenAPI request body of a route that reads images this way (FastAPI cannot infer it)."""
+    files = {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}}
+    if top_k:
+        files["top_k"] = {"type": "integer", "minimum": 1, "default": DEFAULT_TOP_K}
+    multipart = {"schema": {"type": "object", "properties": files, "required": ["files"]}}
+    json_body = {"schema": {"$ref": "#/components/schemas/PredictJSON"}}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": multipart,
+                                                          "application/json": json_body}}}
+
+
+PREDICT_BODY = image_request_body()
 
 
 def check_count(count: int, limit: int) -> None:

@@ -20,7 +20,7 @@ from service.clip.preprocess import open_image
 from service.clip.routing import Choice
 from service.http.dependencies import AppRouting, AppSettings, Registry
 from service.http.errors import ApiError
-from service.http.image_requests import PREDICT_BODY, read_images
+from service.http.image_requests import PREDICT_BODY, image_request_body, read_images
 from service.http.routes_v1 import PredictionOut
 from service.predictions import prediction_fields
 
@@ -109,21 +109,7 @@ async def _open_images(blobs: list[bytes], names: list[str], max_pixels: int) ->
 
 
 # ------------------------------------------------------------------------------------ detect
-_DETECT_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}},
-                    "required": ["files"],
-                }
-            },
-            "application/json": {"schema": {"$ref": "#/components/schemas/PredictJSON"}},
-        },
-    }
-}
+_DETECT_BODY = image_request_body(top_k=False)
 
 
 @router.post(
