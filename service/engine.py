@@ -49,6 +49,9 @@ from service.worker import ADAPT, PREDICT, ModelWorker
 
 log = logging.getLogger(__name__)
 
+#: Reset reason when the probe set finds the adapted model worse than the frozen source model.
+WORSE_THAN_SOURCE = "worse_than_source"
+
 @dataclass
 class Prediction:
     """One image's answer. ``selected`` is None when the decision is made after answering."""
@@ -170,7 +173,7 @@ class ModelEngine:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self.monitor.start(self._evaluate_on_worker, self.source)
+        self.monitor.start(self._evaluate_on_worker, self.source, self._reset_worse_than_source)
         if self.replica is not None:
             await self._resume()
             self._replica_task = asyncio.create_task(self.replica.run(self), name=f"replica-{self.name}")
@@ -388,17 +391,25 @@ class ModelEngine:
         """Run ``fn`` on the model's worker thread, between batches (the only place weights change)."""
         return await asyncio.wrap_future(self._worker.submit(fn, PREDICT))
 
-    async def reset(self) -> None:
+    async def reset(self, reason: str = adapters.guard.MANUAL) -> None:
         def do_reset() -> None:
-            self.adapter.reset(adapters.guard.MANUAL)
+            self.adapter.reset(reason)
             if self.replica is not None and self.replica.is_leader:
                 self.replica.publish(self)
             self._pending_adapt = []
             self.small_batch.forget()
-            self._last_reset_reason = adapters.guard.MANUAL
+            self._last_reset_reason = reason
 
         await self.run_on_worker(do_reset)
-        self.observer.on_reset(self.name, adapters.guard.MANUAL)
+        self.observer.on_reset(self.name, reason)
+
+    async def _reset_worse_than_source(self, gap: float) -> None:
+        """The probe set found the adapted model worse than not adapting: back to the source weights."""
+        if not self.adapts:  # a follower serves its leader's weights: the leader's probe decides
+            return
+        log.warning("model %s: adapted model %.1f points below the source model on the probe set; resetting",
+                    self.name, -100 * gap)
+        await self.reset(WORSE_THAN_SOURCE)
 
     def feedback(self, labels: dict[str, int]) -> dict[str, Any]:
         """Record true labels for earlier request ids (all-or-nothing); the window's numbers after them,

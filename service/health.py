@@ -39,36 +39,67 @@ ONNX_OPSET = 17
 ONNX_TOLERANCE = 1e-3  # max |onnxruntime - PyTorch| logits, relative to their scale, accepted at export
 
 
+#: Batches smaller than this say little about how many classes the traffic mixes.
+DIVERSITY_MIN_BATCH = 4
+#: Served batches averaged into the class-diversity ratio.
+DIVERSITY_BATCHES = 64
+
+
+def class_diversity(batch_labels: list[int], window: Counter[int], window_size: int) -> float:
+    """Distinct predicted classes in a batch over the number expected if its images were drawn
+    independently from the recent traffic's class mix: about 1 for shuffled traffic at any batch size,
+    about 1/k when each batch holds one of k equally likely classes (a camera that sees one kind of
+    object at a time). Label-free: it reads predictions only."""
+    n = len(batch_labels)
+    expected = sum(1.0 - (1.0 - count / window_size) ** n for count in window.values())
+    return len(set(batch_labels)) / max(expected, 1.0)
+
+
 class PredictionWindow:
-    """The last ``size`` served predictions (label, confidence); thread-safe."""
+    """The last ``size`` served predictions (label, confidence), and how class-correlated the recent
+    batches are (:func:`class_diversity`, averaged over the last ``DIVERSITY_BATCHES``); thread-safe."""
 
     def __init__(self, size: int) -> None:
         self._recent: deque[tuple[int, float]] = deque(maxlen=size)
+        self._counts: Counter[int] = Counter()
+        self._diversity: deque[float] = deque(maxlen=DIVERSITY_BATCHES)
         self._lock = threading.Lock()
 
     def add(self, labels: torch.Tensor, confidence: torch.Tensor) -> None:
-        pairs = zip(labels.tolist(), confidence.tolist(), strict=True)
+        """One served batch's predictions."""
+        batch = labels.tolist()
         with self._lock:
-            self._recent.extend(pairs)
+            for pair in zip(batch, confidence.tolist(), strict=True):
+                if len(self._recent) == self._recent.maxlen:
+                    self._counts[self._recent[0][0]] -= 1
+                self._recent.append(pair)
+                self._counts[pair[0]] += 1
+            if len(batch) >= DIVERSITY_MIN_BATCH:
+                window = +self._counts  # drops classes whose count fell to zero
+                self._diversity.append(class_diversity(batch, window, len(self._recent)))
 
     def clear(self) -> None:
         with self._lock:
             self._recent.clear()
+            self._counts.clear()
+            self._diversity.clear()
 
     def summary(self) -> dict[str, Any]:
         """Samples in the window, entropy (nats) of its predicted-class distribution, mean confidence."""
         with self._lock:
             recent = list(self._recent)
+            counts = +self._counts
+            diversity = sum(self._diversity) / len(self._diversity) if self._diversity else None
         if not recent:
             return {"prediction_window_samples": 0, "predicted_class_entropy_nats": None,
-                    "mean_confidence_ratio": None}
+                    "mean_confidence_ratio": None, "batch_class_diversity_ratio": None}
         n = len(recent)
-        counts = Counter(label for label, _ in recent)
         class_entropy = -sum(c / n * math.log(c / n) for c in counts.values())
         return {
             "prediction_window_samples": n,
             "predicted_class_entropy_nats": max(class_entropy, 0.0),
             "mean_confidence_ratio": sum(conf for _, conf in recent) / n,
+            "batch_class_diversity_ratio": diversity,
         }
 
 

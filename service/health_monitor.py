@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 #: Runs a no-update evaluation of a batch on the model's thread at adaptation priority; returns its logits.
 ProbeRunner = Callable[[adapters.Adapter, torch.Tensor], Awaitable[torch.Tensor]]
+#: Called when a probe evaluation finds the adapted model worse than the source by more than the
+#: configured margin, with the (negative) accuracy difference.
+WorseThanSource = Callable[[float], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,7 @@ class HealthSnapshot:
     prediction_window_samples: int
     predicted_class_entropy_nats: float | None
     mean_confidence_ratio: float | None
+    batch_class_diversity_ratio: float | None
     parameter_drift_ratio: float
     parameter_version: int
     source_agreement_up: bool | None
@@ -88,10 +92,13 @@ class HealthMonitor:
         self._probe_task: asyncio.Task | None = None
         self._drift = 0.0
         self._drift_key: tuple[int, int] | None = None
+        self._on_worse: WorseThanSource | None = None
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self, run_probe: ProbeRunner, source: adapters.Adapter) -> None:
+    def start(self, run_probe: ProbeRunner, source: adapters.Adapter,
+              on_worse: WorseThanSource | None = None) -> None:
         """Start the agreement check (its ONNX export runs on its own thread) and the probe loop."""
+        self._on_worse = on_worse
         if self.config.agreement_fraction > 0 and self.adapter.uses_batch_statistics:
             self.agreement = SourceAgreement(self._source_module, self.config.input_size,
                                              fraction=self.config.agreement_fraction, window=self.config.health_window)
@@ -145,7 +152,12 @@ class HealthMonitor:
             probe.source_accuracy = sum([await correct(source, x, y) for x, y in chunks]) / n
         adapted = sum([await correct(self.adapter, x, y) for x, y in chunks]) / n
         self._probe_result = ProbeResult(adapted, probe.source_accuracy, n, time.time())
-        return self._probe_summary()
+        summary = self._probe_summary()
+        margin = self.config.reset_when_worse_than_source
+        gap = adapted - probe.source_accuracy
+        if margin is not None and gap < -margin and self._on_worse is not None:
+            await self._on_worse(gap)
+        return summary
 
     async def _probe_loop(self, run_probe: ProbeRunner, source: adapters.Adapter) -> None:
         while True:

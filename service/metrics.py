@@ -34,7 +34,7 @@ from prometheus_client.registry import Collector
 
 import adapters
 from adapters.guard import RESET_REASONS
-from service.engine import EngineObserver
+from service.engine import WORSE_THAN_SOURCE, EngineObserver
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ class ServiceMetrics(EngineObserver):
         method = info.get("method", "")
         self._methods[model] = method
         self.health_collector.add(model, info, health)
-        for reason in RESET_REASONS:
+        for reason in (*RESET_REASONS, WORSE_THAN_SOURCE):
             self.resets.labels(model, reason)
         for per_model in (self.batch_size, self.batch_duration, self.adapt_dropped):
             per_model.labels(model)
@@ -170,6 +170,9 @@ _HEALTH_GAUGES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("predicted_class_entropy_nats", "entropy of the predicted-class distribution over the recent-prediction "
      "window (ln C: balanced; near 0: one class, collapse)", MODEL_METHOD),
     ("mean_confidence_ratio", "mean max-softmax confidence over the recent-prediction window", MODEL_METHOD),
+    ("batch_class_diversity_ratio", "distinct predicted classes per served batch over the number expected for "
+     "shuffled traffic with the same class mix, mean of recent batches (about 1: shuffled; about 1/k: each batch "
+     "holds one of k classes, i.e. class-correlated traffic)", MODEL_METHOD),
     ("prediction_window_samples", "served predictions in the recent-prediction window", MODEL_METHOD),
     ("parameter_drift_ratio", "relative L2 distance of the adapted parameters from the source ones", MODEL_METHOD),
     ("parameter_version", "version of the weights that answer (updates, resets, loaded leader states)",

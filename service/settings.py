@@ -94,6 +94,11 @@ class ModelConfig(BaseModel):
     )
     probe_size: int = Field(500, ge=1, description="probe images used from probe_data")
     probe_every_s: float = Field(300.0, ge=0, description="seconds between probe evaluations; 0: on demand only")
+    reset_when_worse_than_source: float | None = Field(
+        0.05, ge=0, le=1, description="reset the adapter when a probe evaluation finds the adapted model's accuracy "
+        "this much (a ratio) below the frozen source model's: adaptation must never leave a model worse than not "
+        "adapting (reason 'worse_than_source'); null: only report it"
+    )
     role: Literal["independent", "leader", "follower"] = Field(
         "independent",
         description="with TTA_REDIS_URL: 'leader' adapts and publishes, 'follower' serves the leader's "

@@ -313,3 +313,27 @@ def test_the_small_batch_policy_benchmark_runs_through_the_public_engine() -> No
     ((name, recent, padded),) = measure(images=64, corruptions=["fog"], fisher_size=64)
     assert name == "fog"
     assert 0.3 < recent <= 1.0 and 0.3 < padded <= 1.0  # fog at severity 5: the frozen ResNet-20 gets ~66 %
+
+
+@pytest.mark.parametrize(("margin", "resets"), [(0.05, {"worse_than_source": 1}), (None, {})])
+def test_a_model_the_probe_finds_worse_than_its_source_is_reset(margin, resets):
+    """Adaptation must never leave a model worse than not adapting: the probe set decides, and acts."""
+    from service.health import ProbeSet
+
+    async def scenario():
+        engine = await started(make_engine(method="tent", reset_when_worse_than_source=margin))
+        x = images(64, seed=5)
+        labels = engine.adapter.predict(x).argmax(1)  # the source model, with these batch statistics: 100 %
+        engine.monitor.probe = ProbeSet(x, labels)
+        with torch.no_grad():  # an update that ruined the model (as collapse on correlated batches does)
+            for p in engine.adapter.params.values():
+                p.mul_(-3.0)
+        result = await engine.evaluate_probe()
+        info = await engine.adaptation_info()
+        await engine.stop()
+        return result, info
+
+    result, info = run(scenario())
+    assert result["probe_forgetting_ratio"] < -0.05  # reported either way
+    assert info["resets"] == resets
+    assert (info["health"]["parameter_drift_ratio"] == 0.0) == bool(resets)  # back at the source weights
