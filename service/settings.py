@@ -6,6 +6,7 @@ Bad configuration fails at start-up with a message naming the field, never at th
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import tomllib
 import typing
 from pathlib import Path
@@ -170,6 +171,10 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     admin_token: SecretStr | None = Field(None, description="bearer token required by admin routes")
+    allow_unauthenticated_admin: bool = Field(
+        False, description="without admin_token, admin routes are open only while the server listens on a loopback "
+        "address; true opens them on every address (logged as a warning at start-up)"
+    )
     device: str = Field("auto", description="'auto' (cuda when available), 'cpu', 'cuda' or 'cuda:N'")
     threads: int | None = Field(
         None, ge=1, description="torch intra-op threads; default: every core when a model adapts in sync mode "
@@ -208,6 +213,25 @@ class Settings(BaseSettings):
     def resolved_models(self) -> list[ModelConfig]:
         """The configured models, or the built-in ``digits`` default when none is configured."""
         return self.models or [default_model()]
+
+    def admin_access(self) -> Literal["token", "open", "refused"]:
+        """How admin routes are guarded: by the token; open (no token, loopback or explicitly allowed);
+        or refused (no token on an address others can reach: an exposed server is never open by default)."""
+        if self.admin_token is not None and self.admin_token.get_secret_value():
+            return "token"
+        if self.allow_unauthenticated_admin or is_loopback(self.host):
+            return "open"
+        return "refused"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address (127.0.0.0/8, ::1) or ``localhost``; any name else is not."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def default_model() -> ModelConfig:

@@ -152,6 +152,28 @@ def test_every_admin_route_needs_the_token_and_works_with_it(client):
         assert 200 <= ok.status_code < 300, (method, path, ok.status_code, ok.text)
 
 
+@pytest.mark.parametrize(
+    ("host", "allow", "expected"),
+    [("0.0.0.0", False, 403), ("10.1.2.3", False, 403), ("tta.example", False, 403), ("::", False, 403),
+     ("0.0.0.0", True, 200), ("127.0.0.1", False, 200), ("127.0.0.2", False, 200), ("::1", False, 200),
+     ("localhost", False, 200)],
+)
+def test_without_a_token_admin_routes_are_open_only_on_loopback(settings, host, allow, expected, caplog):
+    """An exposed server without a token refuses every admin call, whoever calls (the image binds 0.0.0.0)."""
+    exposed = settings.model_copy(update={"admin_token": None, "host": host, "allow_unauthenticated_admin": allow})
+    with TestClient(create_app(exposed)) as c:
+        for method, path in sorted(admin_routes(c.app)):
+            r = valid_admin_call(c, method, path)
+            if expected == 403:
+                assert r.status_code == 403, (host, path, r.text)
+                assert "TTA_ADMIN_TOKEN" in r.json()["error"] and host in r.json()["error"]
+            else:
+                assert 200 <= r.status_code < 300, (host, path, r.text)
+        assert c.get("/v1/models/digits/adaptation").status_code == 200  # reading routes stay open
+    if expected == 403 or allow:
+        assert any("admin routes" in m and "TTA_ADMIN_TOKEN" in m for m in caplog.messages)  # said at start-up
+
+
 # ------------------------------------------------------------------------------------ body limits
 def test_bodies_over_the_limit_are_413_however_they_arrive(client):
     declared = client.post("/v2/models/digits/infer", content=b"{" * (MAX_BODY + 1),

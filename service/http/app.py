@@ -95,6 +95,13 @@ def create_app(
     A registry passed in should have been built with ``metrics`` as its observer for batch metrics.
     """
     metrics = metrics or ServiceMetrics()
+    access = settings.admin_access()
+    if access == "refused":
+        log.warning("admin routes refused (403): listening on %s without TTA_ADMIN_TOKEN; set one to enable them",
+                    settings.host)
+    elif access == "open" and settings.allow_unauthenticated_admin:
+        log.warning("admin routes (reset, snapshots, feedback) are open to anyone who reaches %s:%s "
+                    "(allow_unauthenticated_admin); set TTA_ADMIN_TOKEN instead", settings.host, settings.port)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

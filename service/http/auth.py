@@ -1,8 +1,10 @@
 """Bearer-token check for admin routes (reset, restore, snapshot save, feedback).
 
 Admin routes change what every client gets back, so when ``admin_token`` is configured they need
-``Authorization: Bearer <token>``; without a token configured they are open (local use). The token
-comes from the app's settings, never a global, and is compared in constant time.
+``Authorization: Bearer <token>``. Without a token they are open only while the server listens on a
+loopback address (local use); on any other address they are refused with 403, unless the operator
+explicitly allows it (``allow_unauthenticated_admin``). The token comes from the app's settings, never
+a global, and is compared in constant time.
 """
 
 from __future__ import annotations
@@ -29,9 +31,16 @@ def check_bearer(authorization: str | None, expected: str) -> None:
 
 
 async def require_admin(request: Request) -> None:
-    """FastAPI dependency guarding admin routes with the configured token (open when none is set)."""
+    """FastAPI dependency guarding admin routes (see the module docstring for the three cases)."""
     settings: Settings = request.app.state.settings
-    token = settings.admin_token.get_secret_value() if settings.admin_token is not None else ""
-    if not token:  # unset, or set to the empty string (``TTA_ADMIN_TOKEN=``): open
+    access = settings.admin_access()
+    if access == "open":
         return
-    check_bearer(request.headers.get("authorization"), token)
+    if access == "refused":
+        raise ApiError(
+            403,
+            f"admin routes are disabled: the server listens on {settings.host} (not a loopback address) and no "
+            "admin token is set. Set TTA_ADMIN_TOKEN (or admin_token in the config file) and send "
+            "'Authorization: Bearer <token>'",
+        )
+    check_bearer(request.headers.get("authorization"), settings.admin_token.get_secret_value())  # type: ignore[union-attr]
