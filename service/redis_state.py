@@ -225,6 +225,7 @@ class RedisSnapshotStore:
 # deposed leader can never roll replicas back, and after Redis lost its data (counter back at 0) the
 # versions continue above what followers already hold instead of restarting at 1.
 _PUBLISH = """
+if KEYS[5] and redis.call('GET', KEYS[5]) ~= ARGV[4] then return -1 end
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')
 local floor = tonumber(ARGV[3] or '0')
 local version = redis.call('INCR', KEYS[3])
@@ -236,6 +237,10 @@ redis.call('SET', KEYS[1], version)
 redis.call('PUBLISH', KEYS[4], version)
 return version
 """
+
+
+class LeaseLost(RuntimeError):
+    """A publish fenced off: the publishing replica does not hold the leader lease (any more)."""
 
 
 class ParameterChannel:
@@ -251,11 +256,24 @@ class ParameterChannel:
         self.keep_ms = keep_ms
         self._publish = connection.client.register_script(_PUBLISH)
 
-    def publish(self, state: dict[str, Any], at_least: int = 0) -> int:
-        """Store ``state`` under a new version greater than ``at_least``; announce it; return it."""
+    def publish(self, state: dict[str, Any], at_least: int = 0, lease: LeaderLease | None = None) -> int:
+        """Store ``state`` under a new version greater than ``at_least``; announce it; return it.
+
+        With ``lease``, the store happens only while that lease's holder is this replica, checked in the
+        same Lua script (a fencing check): a leader that lost its lease, even a moment ago and before its
+        next renewal, cannot publish. Raises :class:`LeaseLost` then, with nothing written.
+        """
         payload = state_to_bytes(state)
         keys = [self.version_key, self.blob_prefix, self.counter_key, self.channel]
-        return int(self.connection.call(self._publish, keys=keys, args=[payload, self.keep_ms, at_least]))
+        args: list[Any] = [payload, self.keep_ms, at_least]
+        if lease is not None:
+            keys.append(lease.key)
+            args.append(lease.replica_id)
+        version = int(self.connection.call(self._publish, keys=keys, args=args))
+        if version < 0:
+            raise LeaseLost(f"model {self.model}: replica {lease.replica_id if lease else '?'} no longer holds the "
+                            "leader lease; its state was not published")
+        return version
 
     def latest_version(self) -> int:
         raw = self.connection.call(self.connection.client.get, self.version_key)

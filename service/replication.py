@@ -32,7 +32,7 @@ import redis.asyncio as aioredis
 
 from adapters.serialization import StateDecodeError
 from service.errors import StoreUnavailable
-from service.redis_state import LeaderLease, ParameterChannel, RedisConnection
+from service.redis_state import LeaderLease, LeaseLost, ParameterChannel, RedisConnection
 from service.replication_contract import ReplicatedModel, StateRefused
 
 log = logging.getLogger(__name__)
@@ -94,9 +94,14 @@ class Replica:
     def publish(self, model: ReplicatedModel) -> None:
         """Publish the model's state (worker thread, after an update); keeps serving if Redis is down."""
         try:
-            version = self.channel.publish(model.export_state(), at_least=self.loaded_version)
+            version = self.channel.publish(model.export_state(), at_least=self.loaded_version, lease=self.lease)
         except StoreUnavailable:
             self._needs_publish = True
+            return
+        except LeaseLost as exc:  # another replica leads now: follow it from the next tick on
+            self.is_leader = False
+            self._needs_publish = False
+            log.warning("%s", exc)
             return
         self._needs_publish = False
         self.published_version = self.loaded_version = version

@@ -21,7 +21,8 @@ from servers import RedisProcess, free_port, running_server
 from adapters.corruptions import corrupt
 from adapters.models.digits import digits_split
 from service.http.app import create_app
-from service.redis_state import ParameterChannel, RedisConnection, RedisProbabilityCache
+from service.redis_state import LeaderLease, LeaseLost, ParameterChannel, RedisConnection, RedisProbabilityCache
+from service.replication import Replica
 from service.settings import ModelConfig, Settings
 
 REDIS = "redis://127.0.0.1:6379/0"
@@ -192,6 +193,39 @@ def test_versions_continue_above_what_replicas_hold_after_redis_loses_its_data()
         connection.client.delete(key)
     assert channel.publish({"params": {}}, at_least=72) == 73  # not 1: followers holding 72 must move on
     assert channel.publish({"params": {}}) == 74 and channel.latest_version() == 74
+
+
+def test_a_leader_that_lost_its_lease_cannot_publish_even_before_it_notices():
+    """Fencing: the lease is checked inside the publishing script, not at the leader's next renewal."""
+    model = unique()
+    connection = RedisConnection(REDIS)
+    channel = ParameterChannel(connection, model)
+    old, new = LeaderLease(connection, model, "old", ttl_ms=60_000), LeaderLease(connection, model, "new", 60_000)
+    assert old.acquire_or_renew() and channel.publish({"params": {}}, lease=old) == 1
+    connection.client.delete(old.key)  # its lease lapsed (a pause, a partition) ...
+    assert new.acquire_or_renew()  # ... and another replica took it
+    with pytest.raises(LeaseLost, match="old no longer holds the leader lease"):
+        channel.publish({"params": {"stale": 1}}, lease=old)
+    assert channel.latest_version() == 1  # nothing was written
+    assert channel.publish({"params": {}}, lease=new) == 2
+
+    class Model:  # the engine's side of the replication contract, reduced to what publishing uses
+        name = model
+
+        def __init__(self) -> None:
+            self.versions: list[int] = []
+
+        def export_state(self) -> dict:
+            return {"params": {}}
+
+        def adopt_version(self, version: int) -> None:
+            self.versions.append(version)
+
+    replica = Replica(connection, model, "leader", replica_id="old", lease_ttl_ms=60_000)
+    replica.is_leader = True  # it still believes it leads
+    stale = Model()
+    replica.publish(stale)
+    assert not replica.is_leader and stale.versions == [] and channel.latest_version() == 2
 
 
 def test_a_configured_leader_takes_the_lease_back_from_a_follower_that_led_alone(drifted):
