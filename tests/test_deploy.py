@@ -21,9 +21,10 @@ import ast
 import contextlib
 import copy
 import functools
-import hashlib
 import json
 import re
+import shutil
+import subprocess
 import sys
 import tomllib
 from dataclasses import dataclass, field
@@ -45,11 +46,12 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 K8S = ROOT / "deploy" / "k8s"
+K8S_BASE = K8S / "base"
 COMPOSE = ROOT / "deploy" / "docker-compose.yml"
 DEPLOY_DOC = ROOT / "docs" / "deploy.md"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 IMAGE = "tta-serve"  # the image name the manifests use for the server
-K8S_BUILDS = [K8S, K8S / "overlays" / "cpu", K8S / "overlays" / "prometheus-operator"]
+K8S_BUILDS = [K8S_BASE, K8S / "overlays" / "cpu", K8S / "overlays" / "prometheus-operator"]
 
 
 # ====================================================================== what the server really has
@@ -456,81 +458,35 @@ def _requirement_closure(requirements: list[str]) -> set[str]:
 
 
 # ====================================================================== Kustomize rendering
-class KustomizeError(AssertionError):
-    """A kustomization this renderer cannot build (or one that kustomize itself would reject)."""
-
-
-KUSTOMIZATION_KEYS = {"apiVersion", "kind", "resources", "configMapGenerator", "images", "patches"}
 POD_OWNERS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"}
+#: Custom resources the Kubernetes API schemas do not describe (their operators' CRDs do).
+CUSTOM_KINDS = {"ServiceMonitor"}
+KUBERNETES_VERSION = "1.32.0"
 
 
 def render_kustomization(directory: Path) -> list[dict[str, Any]]:
-    """Build ``directory/kustomization.yaml`` the way ``kubectl kustomize`` does, for the features used here."""
-    kfile = directory / "kustomization.yaml"
-    if not kfile.is_file():
-        raise KustomizeError(f"{directory}: no kustomization.yaml")
-    spec = yaml.safe_load(kfile.read_text())
-    unknown = set(spec) - KUSTOMIZATION_KEYS
-    if unknown:
-        raise KustomizeError(f"{kfile}: unsupported kustomization keys {sorted(unknown)}")
-    if spec.get("kind") != "Kustomization":
-        raise KustomizeError(f"{kfile}: kind must be Kustomization")
-    docs: list[dict[str, Any]] = []
-    for entry in spec.get("resources", []):
-        path = (directory / entry).resolve()
-        if path.is_dir():
-            docs += render_kustomization(path)
-        elif path.is_file():
-            docs += [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
-        else:
-            raise KustomizeError(f"{kfile}: resource {entry} does not exist")
-    renames: dict[tuple[str, str], str] = {}
-    for gen in spec.get("configMapGenerator", []):
-        if set(gen) - {"name", "files", "literals", "options"} or gen.get("behavior", "create") != "create":
-            raise KustomizeError(f"{kfile}: unsupported configMapGenerator fields in {gen}")
-        data: dict[str, str] = {}
-        for item in gen.get("files", []):
-            key, _, rel = item.rpartition("=")
-            source = directory / rel
-            if not source.is_file():
-                raise KustomizeError(f"{kfile}: configMapGenerator file {rel} does not exist")
-            data[key or source.name] = source.read_text()
-        for literal in gen.get("literals", []):
-            key, _, value = literal.partition("=")
-            data[key] = value
-        name = gen["name"]
-        if not (gen.get("options") or {}).get("disableNameSuffixHash"):
-            digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]
-            renames[("ConfigMap", name)] = f"{name}-{digest}"
-            name = renames[("ConfigMap", name)]
-        docs.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}, "data": data})
+    """The manifests ``kubectl kustomize`` builds from ``directory`` (the real tool, as users run it)."""
+    kubectl = shutil.which("kubectl")
+    assert kubectl, "kubectl (with Kustomize) is needed to render deploy/k8s: it is on this machine and CI's"
+    built = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=120)
+    assert built.returncode == 0, f"kubectl kustomize {directory.relative_to(ROOT)} failed:\n{built.stderr}"
+    return [d for d in yaml.safe_load_all(built.stdout) if d is not None]
+
+
+def schema_problems(docs: list[dict[str, Any]]) -> list[str]:
+    """Strict validation against the Kubernetes API schemas (kubernetes-validate): unknown fields,
+    wrong types and missing required fields are errors; only ``CUSTOM_KINDS`` go unchecked."""
+    import kubernetes_validate
+
+    problems = []
     for doc in docs:
-        _rename_references(doc, renames)
-    for image in spec.get("images", []):
-        for doc in docs:
-            for container in _containers(doc):
-                if _image_name(container["image"]) == image["name"]:
-                    repo = image.get("newName", image["name"])
-                    tag = image.get("newTag") or _image_tag(container["image"])
-                    container["image"] = f"{repo}:{tag}" if tag else repo
-    for patch in spec.get("patches", []):
-        text = patch["patch"] if "patch" in patch else (directory / patch["path"]).read_text()
-        ops = yaml.safe_load(text)
-        if not isinstance(ops, list):
-            raise KustomizeError(f"{kfile}: only JSON 6902 patches (a list of operations) are supported")
-        targets = [d for d in docs if _matches_target(d, patch.get("target") or {})]
-        if not targets:
-            raise KustomizeError(f"{kfile}: patch target {patch.get('target')} matches nothing")
-        for doc in targets:
-            for op in ops:
-                _json_patch(doc, op)
-    seen: set[tuple[str, str]] = set()
-    for doc in docs:
-        key = (doc.get("kind", ""), (doc.get("metadata") or {}).get("name", ""))
-        if key in seen:
-            raise KustomizeError(f"{kfile}: duplicate {key}")
-        seen.add(key)
-    return docs
+        if doc["kind"] in CUSTOM_KINDS:
+            continue
+        try:
+            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+        except (kubernetes_validate.ValidationError, kubernetes_validate.SchemaNotFoundError) as exc:
+            problems.append(f"{doc['kind']}/{doc['metadata']['name']}: {getattr(exc, 'message', exc)}")
+    return problems
 
 
 def pod_spec(doc: dict[str, Any]) -> dict[str, Any] | None:
@@ -556,79 +512,6 @@ def _image_name(image: str) -> str:
     return re.sub(r"(@sha256:[0-9a-f]+|:[\w.-]+)$", "", image)
 
 
-def _image_tag(image: str) -> str | None:
-    match = re.search(r":([\w.-]+)$", image.split("@")[0])
-    return match.group(1) if match else None
-
-
-def _rename_references(doc: dict[str, Any], renames: dict[tuple[str, str], str]) -> None:
-    spec = pod_spec(doc)
-    if spec is None or not renames:
-        return
-
-    def rename(ref: dict[str, Any] | None, kind: str, key: str = "name") -> None:
-        if ref and (kind, ref.get(key)) in renames:
-            ref[key] = renames[(kind, ref[key])]
-
-    for volume in spec.get("volumes", []):
-        rename(volume.get("configMap"), "ConfigMap")
-        rename(volume.get("secret"), "Secret", "secretName")
-        for source in (volume.get("projected") or {}).get("sources", []):
-            rename(source.get("configMap"), "ConfigMap")
-            rename(source.get("secret"), "Secret")
-    for container in _containers(doc):
-        for env in container.get("env", []):
-            rename((env.get("valueFrom") or {}).get("configMapKeyRef"), "ConfigMap")
-            rename((env.get("valueFrom") or {}).get("secretKeyRef"), "Secret")
-        for source in container.get("envFrom", []):
-            rename(source.get("configMapRef"), "ConfigMap")
-            rename(source.get("secretRef"), "Secret")
-
-
-def _matches_target(doc: dict[str, Any], target: dict[str, str]) -> bool:
-    group, _, version = doc.get("apiVersion", "").rpartition("/")
-    wanted = {"group": group, "version": version, "kind": doc.get("kind"), "name": doc["metadata"]["name"]}
-    return all(wanted.get(k) == v for k, v in target.items() if k in wanted) and set(target) <= set(wanted)
-
-
-def _json_patch(doc: dict[str, Any], op: dict[str, Any]) -> None:
-    """One RFC 6902 operation (add, remove, replace, test)."""
-    parts = [p.replace("~1", "/").replace("~0", "~") for p in op["path"].split("/")[1:]]
-    last, kind = parts[-1], op["op"]
-    try:
-        parent: Any = doc
-        for part in parts[:-1]:
-            parent = parent[int(part)] if isinstance(parent, list) else parent[part]
-        if isinstance(parent, list):
-            index = len(parent) if last == "-" else int(last)
-            if kind == "add":
-                parent.insert(index, copy.deepcopy(op["value"]))
-            elif kind == "remove":
-                del parent[index]
-            elif kind == "replace":
-                parent[index] = copy.deepcopy(op["value"])
-            elif kind == "test":
-                if parent[index] != op["value"]:
-                    raise KustomizeError(f"test failed at {op['path']}: {parent[index]!r} != {op['value']!r}")
-            else:
-                raise KustomizeError(f"unsupported patch op {kind}")
-        else:
-            if kind in ("remove", "replace", "test") and last not in parent:
-                raise KustomizeError(f"{kind} {op['path']}: no such member")
-            if kind in ("add", "replace"):
-                parent[last] = copy.deepcopy(op["value"])
-            elif kind == "remove":
-                del parent[last]
-            elif kind == "test":
-                if parent[last] != op["value"]:
-                    raise KustomizeError(f"test failed at {op['path']}: {parent[last]!r} != {op['value']!r}")
-            else:
-                raise KustomizeError(f"unsupported patch op {kind}")
-    except (IndexError, KeyError, ValueError, TypeError) as exc:
-        raise KustomizeError(f"patch {op} does not apply: {exc!r}") from None
-
-
-# ---------------------------------------------------------------------- consistency of rendered objects
 def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
 
@@ -767,9 +650,10 @@ def test_every_manifest_parses_and_is_used() -> None:
         assert path.resolve() in used, f"{path.relative_to(ROOT)} is not used by any kustomization"
 
 
-@pytest.mark.parametrize("build", K8S_BUILDS, ids=lambda p: str(p.relative_to(K8S)) or "base")
-def test_kustomization_renders_consistently(build: Path) -> None:
+@pytest.mark.parametrize("build", K8S_BUILDS, ids=lambda p: str(p.relative_to(K8S)))
+def test_kustomization_renders_and_validates_strictly(build: Path) -> None:
     docs = render_kustomization(build)
+    assert schema_problems(docs) == []
     assert check_rendered(docs) == []
     kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
     expected = {("Deployment", "tta-serve-leader"), ("Deployment", "tta-serve-follower"), ("Service", "tta-serve"),
@@ -782,7 +666,7 @@ def test_kustomization_renders_consistently(build: Path) -> None:
 
 
 def test_checker_finds_broken_manifests() -> None:
-    docs = render_kustomization(K8S)
+    docs = render_kustomization(K8S_BASE)
     assert check_rendered(docs) == []
 
     def find(kind: str, name: str, docs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -801,9 +685,12 @@ def test_checker_finds_broken_manifests() -> None:
         broken = copy.deepcopy(docs)
         breaks(broken)
         assert check_rendered(broken), f"a broken {what} went unnoticed"
-    with pytest.raises(KustomizeError, match="test failed"):
-        _json_patch(find("Deployment", "tta-serve-leader", copy.deepcopy(docs)),
-                     {"op": "test", "path": "/spec/template/spec/containers/0/env/0/name", "value": "TTA_DEVICE"})
+    misspelt = copy.deepcopy(docs)
+    leader = find("Deployment", "tta-serve-leader", misspelt)
+    leader["spec"]["template"]["spec"]["containers"][0]["imagePullPolcy"] = "x"
+    find("Service", "tta-serve", misspelt)["spec"]["ports"][0]["port"] = "eight thousand"
+    problems = schema_problems(misspelt)
+    assert any("imagePullPolcy" in p for p in problems) and any("eight thousand" in p for p in problems), problems
 
 
 # ---------------------------------------------------------------------- the tta-serve pods against the server
@@ -818,7 +705,7 @@ def env_of(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {e["name"]: e for e in container.get("env", [])}
 
 
-@pytest.mark.parametrize("build", K8S_BUILDS, ids=lambda p: str(p.relative_to(K8S)) or "base")
+@pytest.mark.parametrize("build", K8S_BUILDS, ids=lambda p: str(p.relative_to(K8S)))
 def test_server_pods_match_the_server(build: Path, tmp_path: Path) -> None:
     docs = render_kustomization(build)
     objects = {(d["kind"], d["metadata"]["name"]): d for d in docs}
@@ -876,15 +763,15 @@ def test_server_pods_match_the_server(build: Path, tmp_path: Path) -> None:
         device = env["TTA_DEVICE"]["value"]
         if build.name == "cpu":
             assert device == "cpu" and "nvidia.com/gpu" not in resources["limits"]
-            assert _image_tag(c["image"]).endswith("-cpu")
+            assert c["image"].rpartition(":")[2].endswith("-cpu")
             assert "tolerations" not in pod_spec(workload)
         else:
             assert resources["limits"]["nvidia.com/gpu"] == 1 and device.startswith("cuda")
-            assert _image_tag(c["image"]).endswith("-gpu")
+            assert c["image"].rpartition(":")[2].endswith("-gpu")
 
 
 def test_leader_and_follower_differ_only_in_role() -> None:
-    docs = render_kustomization(K8S)
+    docs = render_kustomization(K8S_BASE)
     leader = next(d for d in docs if d["metadata"]["name"] == "tta-serve-leader")
     follower = next(d for d in docs if d["metadata"]["name"] == "tta-serve-follower")
     assert leader["spec"]["replicas"] == 1 and leader["spec"]["strategy"]["type"] == "Recreate"
@@ -907,7 +794,7 @@ def test_leader_and_follower_differ_only_in_role() -> None:
         models = yaml.safe_load(path.read_text())["models"]
         return [{k: v for k, v in m.items() if k != "role"} for m in models]
 
-    assert without_role(K8S / "config" / "leader.yaml") == without_role(K8S / "config" / "follower.yaml")
+    assert without_role(K8S_BASE / "config" / "leader.yaml") == without_role(K8S_BASE / "config" / "follower.yaml")
     # Both sides of the Service: it selects the leader and the followers.
     service = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "tta-serve")
     assert _selects(service["spec"]["selector"], pod_labels(leader))
@@ -915,7 +802,7 @@ def test_leader_and_follower_differ_only_in_role() -> None:
 
 
 def test_secret_is_a_marked_placeholder() -> None:
-    text = (K8S / "secret.yaml").read_text()
+    text = (K8S_BASE / "secret.yaml").read_text()
     secret = yaml.safe_load(text)
     assert secret["stringData"]["admin-token"].startswith("REPLACE")
     assert "PLACEHOLDER" in text  # the comment says so, loudly
@@ -1035,7 +922,7 @@ def test_deploy_doc_commands_match_the_files() -> None:
     for path in re.findall(r"(?:-f|-k)\s+(deploy/[\w./-]+)", doc):
         target = ROOT / path
         assert target.exists() or target == COMPOSE, f"docs/deploy.md names {path}, which does not exist"
-    assert "kubectl apply -k deploy/k8s" in doc
+    assert "kubectl apply -k deploy/k8s/base" in doc
     assert "docker compose -f deploy/docker-compose.yml" in doc
     assert "--build-arg VARIANT=cpu" in doc
     for overlay in ("cpu", "prometheus-operator"):
