@@ -35,6 +35,17 @@ def prediction_fields(p: Prediction, classes: list[str], top_k: int = DEFAULT_TO
     }
 
 
+def classification_strings(predictions: list[Prediction], classes: list[str], top: int) -> list[str]:
+    """Triton's classification extension: each prediction's ``top`` classes as ``"score:index:label"``,
+    most probable first, flattened row by row (shape ``[N, top]``; ``top`` capped at the class count)."""
+    top = min(top, len(classes))
+    out = []
+    for p in predictions:
+        values, indices = p.probabilities.topk(top)
+        out += [f"{v:f}:{i}:{classes[i]}" for v, i in zip(values.tolist(), indices.tolist(), strict=True)]
+    return out
+
+
 def probability_matrix(predictions: list[Prediction]) -> np.ndarray:
     """Every prediction's class probabilities as one little-endian float32 N x C array (the v2 output)."""
     return torch.stack([p.probabilities for p in predictions]).numpy().astype("<f4", copy=False)

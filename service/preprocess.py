@@ -21,6 +21,7 @@ from service.errors import ImageTooLarge, InvalidInput
 
 FP32 = "FP32"
 UINT8 = "UINT8"
+BYTES = "BYTES"  # encoded image files (PNG, JPEG, ...), one per element, decoded like /v1 uploads
 SUPPORTED_DATATYPES = (FP32, UINT8)
 _NUMPY_DTYPES = {FP32: np.dtype("<f4"), UINT8: np.dtype("u1")}
 
@@ -76,6 +77,26 @@ def decode_base64(text: str, what: str = "image") -> bytes:
 
 
 # ---------------------------------------------------------------------------------------- v2 tensors
+def bytes_elements(raw: bytes | memoryview) -> list[bytes]:
+    """Triton's binary BYTES tensor: each element a 4-byte little-endian length, then that many bytes."""
+    view, out, offset = memoryview(raw), [], 0
+    while offset < len(view):
+        if offset + 4 > len(view):
+            raise InvalidInput(f"BYTES tensor: {len(view) - offset} trailing bytes cannot hold an element's length")
+        length = int.from_bytes(view[offset : offset + 4], "little")
+        offset += 4
+        if offset + length > len(view):
+            raise InvalidInput(f"BYTES tensor: an element declares {length} bytes but {len(view) - offset} remain")
+        out.append(bytes(view[offset : offset + length]))
+        offset += length
+    return out
+
+
+def bytes_tensor(elements: list[bytes]) -> bytes:
+    """The inverse of :func:`bytes_elements`: Triton's binary encoding of a BYTES tensor."""
+    return b"".join(len(e).to_bytes(4, "little") + e for e in elements)
+
+
 def expected_shape(datatype: str, input_shape: tuple[int, int, int]) -> list[int]:
     """The v2 tensor layout for a datatype: FP32 is NCHW, UINT8 is NHWC (-1 is the batch)."""
     c, h, w = input_shape

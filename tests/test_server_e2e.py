@@ -8,6 +8,7 @@ The official Triton HTTP client (``tritonclient[http]``) talks to the v2 routes 
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import subprocess
@@ -137,6 +138,63 @@ def test_the_official_triton_client_works_binary_and_json(server, digits):
             client.infer("digits-frozen", [bad])
     finally:
         client.close()
+
+
+def test_triton_classification_and_encoded_images_with_the_official_client(server, digits):
+    """Triton's classification extension ("score:index:label" strings) and BYTES inputs of PNG files,
+    binary and JSON, with ``tritonclient[http]`` unchanged."""
+    import tritonclient.http as tritonclient_http
+
+    x, y = digits
+    n = 12
+    pngs = []
+    for image in x[:n]:
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="PNG")
+        pngs.append(buffer.getvalue())
+    client = tritonclient_http.InferenceServerClient(server.removeprefix("http://"), network_timeout=60)
+    try:
+        assert "classification" in client.get_server_metadata()["extensions"]
+        reference = tritonclient_http.InferInput("images", [n, 32, 32, 3], "UINT8")
+        reference.set_data_from_numpy(x[:n])
+        probs = client.infer("digits-frozen", [reference]).as_numpy("probabilities")
+        for binary in (True, False):
+            out = tritonclient_http.InferRequestedOutput("probabilities", binary_data=binary, class_count=3)
+            inp = tritonclient_http.InferInput("images", [n, 32, 32, 3], "UINT8")
+            inp.set_data_from_numpy(x[:n])
+            top = client.infer("digits-frozen", [inp], outputs=[out]).as_numpy("probabilities")
+            assert top.shape == (n, 3)
+            for row, expected in zip(top, probs, strict=True):
+                first = row[0].decode() if isinstance(row[0], bytes) else row[0]  # binary: bytes; JSON: str
+                score, index, label = first.split(":")
+                assert int(index) == expected.argmax() and label == str(expected.argmax())
+                assert float(score) == pytest.approx(expected.max(), abs=1e-6)
+
+        encoded = tritonclient_http.InferInput("images", [n], "BYTES")
+        encoded.set_data_from_numpy(np.array(pngs, dtype=np.object_), binary_data=True)
+        from_png = client.infer("digits-frozen", [encoded]).as_numpy("probabilities")
+        np.testing.assert_allclose(from_png, probs, atol=1e-5)  # PNG is lossless: the same images
+        assert (from_png.argmax(1) == y[:n]).mean() >= 0.9
+
+        broken = tritonclient_http.InferInput("images", [1], "BYTES")
+        broken.set_data_from_numpy(np.array([b"not an image"], dtype=np.object_), binary_data=True)
+        with pytest.raises(tritonclient_http.InferenceServerException, match="cannot be decoded"):
+            client.infer("digits-frozen", [broken])
+    finally:
+        client.close()
+
+    # JSON: base64 strings of the same files, and the classification strings as JSON data
+    body = {"inputs": [{"name": "images", "shape": [2], "datatype": "BYTES",
+                        "data": [base64.b64encode(png).decode() for png in pngs[:2]]}],
+            "outputs": [{"name": "probabilities", "parameters": {"classification": 2}}]}
+    answer = httpx.post(f"{server}/v2/models/digits-frozen/infer", json=body, timeout=60).json()
+    (output,) = answer["outputs"]
+    assert output["datatype"] == "BYTES" and output["shape"] == [2, 2] and len(output["data"]) == 4
+    assert int(output["data"][0].split(":")[1]) == probs[0].argmax()
+    for bad in (0, "three", True):
+        body["outputs"][0]["parameters"]["classification"] = bad
+        refused = httpx.post(f"{server}/v2/models/digits-frozen/infer", json=body, timeout=60)
+        assert refused.status_code == 400 and "classification must be a positive integer" in refused.json()["error"]
 
 
 def _infer_one(base: str, image: np.ndarray, model: str, client: httpx.Client) -> tuple[np.ndarray, str]:

@@ -65,7 +65,7 @@ class InferFastPath:
         raw_length = headers.get(_HEADER_LENGTH)
         header_length = None if raw_length is None else raw_length.decode("latin-1")  # HTTP's header charset
         try:
-            response = await run_inference(engine, body, header_length, state.settings.max_json_body_bytes)
+            response = await run_inference(engine, body, header_length, state.settings)
         except (ApiError, InvalidInput):  # a bad request, refused before the model saw it
             await self.app(scope, _replay(body), send)
             return

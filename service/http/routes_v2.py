@@ -12,16 +12,31 @@ from __future__ import annotations
 
 import json
 import zlib
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
 
 from service.engine import EngineRegistry, ModelEngine, Prediction
 from service.http.dependencies import AppSettings, Engine, ReadyEngine
 from service.http.errors import ApiError, BodyTooLarge, bad_request_from
-from service.predictions import probability_matrix
-from service.preprocess import FP32, array_from_bytes, array_from_json, array_to_tensor, check_tensor_header
+from service.http.image_requests import check_count
+from service.predictions import classification_strings, probability_matrix
+from service.preprocess import (
+    BYTES,
+    FP32,
+    array_from_bytes,
+    array_from_json,
+    array_to_tensor,
+    bytes_elements,
+    bytes_tensor,
+    check_tensor_header,
+    decode_base64,
+    images_to_tensor,
+)
+from service.settings import Settings
 
 if TYPE_CHECKING:  # the route hands tensors over; it never computes on them
     import torch
@@ -31,7 +46,7 @@ VERSION = "1"
 INPUT_NAME = "images"
 OUTPUT_NAME = "probabilities"
 HEADER_LENGTH = "Inference-Header-Content-Length"
-SERVER_EXTENSIONS = ["binary_tensor_data"]
+SERVER_EXTENSIONS = ["binary_tensor_data", "classification"]
 
 router = APIRouter(tags=["v2: Open Inference Protocol"])
 
@@ -97,7 +112,10 @@ class InferOutput(BaseModel):
     datatype: str
     shape: list[int]
     parameters: dict[str, Any] | None = None
-    data: list[float] | None = Field(None, description="absent when the output is sent as binary data")
+    data: list[float] | list[str] | None = Field(
+        None, description="absent when the output is sent as binary data; 'score:index:label' strings for a "
+        "classification output"
+    )
 
 
 class InferResponse(BaseModel):
@@ -205,10 +223,10 @@ _INFER_BODY = {
 )
 async def infer(request: Request, engine: ReadyEngine, settings: AppSettings) -> Response:
     body = decode_content(await request.body(), request.headers.get("content-encoding"), settings.max_body_bytes)
-    return await run_inference(engine, body, request.headers.get(HEADER_LENGTH), settings.max_json_body_bytes)
+    return await run_inference(engine, body, request.headers.get(HEADER_LENGTH), settings)
 
 
-async def run_inference(engine: ModelEngine, body: bytes, header_length: str | None, max_json: int) -> Response:
+async def run_inference(engine: ModelEngine, body: bytes, header_length: str | None, settings: Settings) -> Response:
     """Parse an infer body (JSON, or JSON header + binary tensors), predict and format the answer.
 
     Raises :class:`ApiError` or :class:`InvalidInput` for a bad request, always before the request reaches
@@ -216,6 +234,7 @@ async def run_inference(engine: ModelEngine, body: bytes, header_length: str | N
     model's batch.
     """
     header, binary = split_binary_body(body, header_length)
+    max_json = settings.max_json_body_bytes
     if len(header) > max_json:  # refused before parsing: JSON numbers cost ~18x their text in memory
         raise ApiError(413, f"the JSON part of the request has {len(header)} bytes; the limit is {max_json} "
                        f"(max_json_body_bytes). Send the tensors as binary data ({HEADER_LENGTH}), as the Triton "
@@ -224,7 +243,13 @@ async def run_inference(engine: ModelEngine, body: bytes, header_length: str | N
         req = InferRequest.model_validate_json(header)
     except ValidationError as exc:
         raise bad_request_from(exc) from None
-    images = input_tensor(req, binary, engine.input_shape)
+    if len(req.inputs) == 1 and req.inputs[0].datatype == BYTES:  # encoded images: decoded as /v1 uploads are
+        blobs, names = encoded_images(req.inputs[0], binary, engine.config.max_images_per_request)
+        images = await run_in_threadpool(
+            images_to_tensor, blobs, engine.config.input_size, settings.max_image_pixels, names
+        )
+    else:
+        images = input_tensor(req, binary, engine.input_shape)
     outputs = requested_outputs(req)
     predictions = await engine.predict(images)
     return infer_response(engine, req, predictions, outputs)
@@ -295,23 +320,63 @@ def input_tensor(req: InferRequest, binary: memoryview, input_shape: tuple[int, 
     return array_to_tensor(values, tensor.datatype)
 
 
-def requested_outputs(req: InferRequest) -> list[tuple[str, bool]]:
-    """(output name, send as binary) for each output to return; 400 for an output the model lacks."""
+def encoded_images(tensor: InferInput, binary: memoryview, limit: int) -> tuple[list[bytes], list[str]]:
+    """The encoded image files of a BYTES input (binary, or base64 strings in JSON) and a name for each."""
+    if len(tensor.shape) not in (1, 2) or (len(tensor.shape) == 2 and tensor.shape[1] != 1):
+        raise ApiError(400, f"BYTES input {tensor.name!r} must have shape [N] or [N, 1] (one encoded image "
+                       f"each), got {tensor.shape}")
+    binary_size = (tensor.parameters or {}).get("binary_data_size")
+    if binary_size is not None:
+        if binary_size != len(binary):
+            raise ApiError(400, f"input {tensor.name!r}: parameters.binary_data_size is {binary_size!r} but "
+                           f"{len(binary)} bytes of binary data follow the header")
+        blobs = bytes_elements(binary)
+    elif tensor.data is not None:
+        flat = [item for row in tensor.data for item in (row if isinstance(row, list) else [row])]
+        if not all(isinstance(item, str) for item in flat):
+            raise ApiError(400, f"BYTES input {tensor.name!r}: JSON data must be base64 strings of image files")
+        blobs = [decode_base64(item, f"{tensor.name}[{i}]") for i, item in enumerate(flat)]
+    else:
+        raise ApiError(400, f"input {tensor.name!r} has neither 'data' nor parameters.binary_data_size")
+    if len(blobs) != tensor.shape[0]:
+        raise ApiError(400, f"BYTES input {tensor.name!r} declares shape {tensor.shape} but holds {len(blobs)} "
+                       "elements")
+    check_count(len(blobs), limit)
+    return blobs, [f"{tensor.name}[{i}]" for i in range(len(blobs))]
+
+
+@dataclass(frozen=True)
+class Output:
+    """An output to return: as binary data or JSON, and as probabilities or Triton classification strings."""
+
+    name: str
+    binary: bool
+    classification: int | None = None
+
+
+def requested_outputs(req: InferRequest) -> list[Output]:
+    """The outputs to return; 400 for an output the model lacks or a bad ``classification`` count."""
     default_binary = bool((req.parameters or {}).get("binary_data_output", False))
     if not req.outputs:
-        return [(OUTPUT_NAME, default_binary)]
+        return [Output(OUTPUT_NAME, default_binary)]
     result = []
     for out in req.outputs:
         if out.name != OUTPUT_NAME:
             raise ApiError(400, f"unknown output {out.name!r}; this model has [{OUTPUT_NAME!r}]")
-        result.append((out.name, bool((out.parameters or {}).get("binary_data", default_binary))))
+        parameters = out.parameters or {}
+        top = parameters.get("classification")
+        if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 1):
+            raise ApiError(400, f"output {out.name!r}: parameters.classification must be a positive integer "
+                           f"(the number of classes to return), got {top!r}")
+        result.append(Output(out.name, bool(parameters.get("binary_data", default_binary)), top))
     return result
 
 
 def infer_response(
-    engine: ModelEngine, req: InferRequest, predictions: list[Prediction], outputs: list[tuple[str, bool]]
+    engine: ModelEngine, req: InferRequest, predictions: list[Prediction], outputs: list[Output]
 ) -> Response:
-    """Format probabilities as JSON, or as Triton binary outputs when any output asks for binary data."""
+    """Format probabilities (or Triton classification strings) as JSON, or as Triton binary outputs when an
+    output asks for binary data."""
     probs = probability_matrix(predictions)
     shape = list(probs.shape)
     header: dict[str, Any] = {"model_name": engine.name, "model_version": VERSION}
@@ -323,14 +388,20 @@ def infer_response(
     }
     blobs: list[bytes] = []
     header["outputs"] = []
-    for name, binary in outputs:
-        entry: dict[str, Any] = {"name": name, "datatype": FP32, "shape": shape}
-        if binary:
-            raw = probs.tobytes()
+    for out in outputs:
+        if out.classification is None:
+            entry: dict[str, Any] = {"name": out.name, "datatype": FP32, "shape": shape}
+            raw, values = (probs.tobytes(), None) if out.binary else (b"", probs.ravel().tolist())
+        else:
+            top = min(out.classification, len(engine.classes))
+            strings = classification_strings(predictions, engine.classes, top)
+            entry = {"name": out.name, "datatype": BYTES, "shape": [len(predictions), top]}
+            raw, values = (bytes_tensor([s.encode() for s in strings]), None) if out.binary else (b"", strings)
+        if out.binary:
             entry["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)
         else:
-            entry["data"] = probs.ravel().tolist()
+            entry["data"] = values
         header["outputs"].append(entry)
     text = json.dumps(header, separators=(",", ":")).encode()
     if not blobs:
