@@ -87,8 +87,13 @@ def serve(
         models = [model]
     elif weights is not None or fisher_data is not None or name is not None:
         _fail("--weights, --fisher-data and --name apply to --architecture")
+    import logging.config
+
+    from service.logs import logging_config
+
     try:
         settings = load_settings(config, host=host, port=port, models=models)
+        logging.config.dictConfig(logging_config(settings.log_format, log_level))  # model loading logs too
         metrics = ServiceMetrics()
         registry = build_registry(settings, metrics)
     except (ConfigError, ModelLoadError) as exc:
@@ -99,7 +104,8 @@ def serve(
         _fail(f"routing: {exc}")
     app_ = create_app(settings, registry, metrics)
     app_.state.routing = routing
-    uvicorn.run(app_, host=settings.host, port=settings.port, log_level=log_level)
+    uvicorn.run(app_, host=settings.host, port=settings.port, log_level=log_level,
+                log_config=logging_config(settings.log_format, log_level))
 
 
 @app.command("demo")

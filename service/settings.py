@@ -171,6 +171,9 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     admin_token: SecretStr | None = Field(None, description="bearer token required by admin routes")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="'json': one JSON object per log line (time, level, logger, message, request_id)"
+    )
     allow_unauthenticated_admin: bool = Field(
         False, description="without admin_token, admin routes are open only while the server listens on a loopback "
         "address; true opens them on every address (logged as a warning at start-up)"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from servers import free_port, serve_command, wait_ready
+from servers import free_port, serve_command, stop, wait_ready
 
 from adapters.models.digits import digits_split
 
@@ -268,3 +269,32 @@ def test_cli_exits_2_with_a_message_for_bad_configuration(tmp_path):
         capture_output=True, text=True, env=env, timeout=120,
     )
     assert missing.returncode == 2 and "resnet20" in missing.stderr
+
+
+def test_json_logs_carry_the_request_id_the_response_returns(tmp_path):
+    """``TTA_LOG_FORMAT=json``: one JSON object per line; a request's lines carry its X-Request-Id."""
+    port = free_port()
+    log = tmp_path / "server.log"
+    config = tmp_path / "models.yaml"
+    config.write_text("models:\n  - name: digits\n    architecture: digits\n    method: source\n")
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            serve_command("--config", str(config), "--port", str(port), "--log-level", "info"),
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "TTA_THREADS": "1", "TTA_LOG_FORMAT": "json"},
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base, proc, log)
+        given = httpx.get(f"{base}/v2/models/digits", headers={"X-Request-Id": "camera-7.frame-42"})
+        made = httpx.post(f"{base}/v2/models/digits/infer", json={"inputs": [
+            {"name": "images", "shape": [1, 32, 32, 3], "datatype": "UINT8", "data": [0] * 3072}]})
+        junk = httpx.get(f"{base}/v2/models/digits", headers={"X-Request-Id": "no spaces allowed"})
+    finally:
+        stop(proc)
+    assert given.headers["x-request-id"] == "camera-7.frame-42"
+    assert made.status_code == 200 and len(made.headers["x-request-id"]) == 32  # made up when not given
+    assert junk.headers["x-request-id"] != "no spaces allowed"
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]  # every line is JSON
+    assert all({"time", "level", "logger", "message", "request_id"} <= set(entry) for entry in lines)
+    ids = {entry["request_id"] for entry in lines if entry["logger"] == "uvicorn.access"}
+    assert {"camera-7.frame-42", made.headers["x-request-id"]} <= ids

@@ -28,6 +28,7 @@ from service.http import routes_detect, routes_v1, routes_v2, routes_ws
 from service.http.errors import BodyTooLarge, error_response, install_error_handlers
 from service.http.image_requests import PredictJSON
 from service.http.infer_fast_path import InferFastPath
+from service.http.request_id import RequestIdMiddleware
 from service.http.request_metrics import RequestMetricsMiddleware
 from service.metrics import ServiceMetrics
 from service.settings import Settings, load_settings
@@ -146,6 +147,7 @@ def create_app(
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     app.add_middleware(InferFastPath, metrics=metrics)
+    app.add_middleware(RequestIdMiddleware)  # outermost: the fast path's requests get their id too
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 
