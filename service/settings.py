@@ -170,6 +170,10 @@ class Settings(BaseSettings):
     config: Path | None = Field(None, description="YAML or TOML file listing models (and server settings)")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    grpc_port: int | None = Field(
+        None, ge=0, le=65535, description="also serve the v2 gRPC protocol (KServe/Triton) on this port, same "
+        "engines (needs the grpc extra: pip install 'tta-serve[grpc]'); null: off"
+    )
     admin_token: SecretStr | None = Field(None, description="bearer token required by admin routes")
     log_format: Literal["text", "json"] = Field(
         "text", description="'json': one JSON object per log line (time, level, logger, message, request_id)"

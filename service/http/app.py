@@ -115,9 +115,19 @@ def create_app(
             app.state.routing = await asyncio.to_thread(routing_for_app, settings, active, metrics)
         await active.start()
         log.info("serving models %s", active.names())
+        grpc_server = None
+        if settings.grpc_port is not None:
+            try:
+                from service.grpc_server import serve_grpc
+            except ImportError as exc:
+                raise RuntimeError(f"grpc_port is set but the gRPC server cannot load ({exc}): "
+                                   "pip install 'tta-serve[grpc]'") from None
+            grpc_server = await serve_grpc(active, settings, _version())
         try:
             yield
         finally:
+            if grpc_server is not None:
+                await grpc_server.stop(grace=2)
             await active.stop()
 
     app = FastAPI(
