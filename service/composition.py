@@ -19,7 +19,8 @@ from service.metrics import ServiceMetrics
 from service.model_sources import load_model, resolve_device
 from service.redis_state import RedisConnection, RedisProbabilityCache, RedisSnapshotStore
 from service.replication import Replica
-from service.settings import Settings
+from service.settings import ModelConfig, Settings
+from service.snapshots import InMemorySnapshotStore
 
 log = logging.getLogger(__name__)
 
@@ -46,44 +47,52 @@ def configure_torch(settings: Settings) -> None:
         tune_allocator()
 
 
-def build_registry(settings: Settings, observer: EngineObserver | None = None) -> EngineRegistry:
-    """Load every configured model and build its engine; raises ``ModelLoadError`` naming the model."""
-    configure_torch(settings)
-    device = resolve_device(settings.device)
-    connection = RedisConnection(settings.redis_url.get_secret_value()) if settings.redis_url else None
-    if connection is not None and not connection.check():
-        log.error("redis at %s is down at start-up: serving from local state until it returns",
-                  connection.display_url)
-    engines = []
-    for config in settings.resolved_models():
-        loaded = load_model(config, device)
+class EngineFactory:
+    """Builds the engine of a model config with the server's shared pieces: device, observer (metrics),
+    the Redis connection (shared redundancy cache, snapshots, replication) or, without Redis, one in-process
+    snapshot store for every model, so an unloaded model's snapshot survives to its next load."""
+
+    def __init__(self, settings: Settings, observer: EngineObserver | None = None) -> None:
+        self.settings = settings
+        self.observer = observer
+        self.device = resolve_device(settings.device)
+        self.connection = RedisConnection(settings.redis_url.get_secret_value()) if settings.redis_url else None
+        if self.connection is not None and not self.connection.check():
+            log.error("redis at %s is down at start-up: serving from local state until it returns",
+                      self.connection.display_url)
+        self.snapshots = RedisSnapshotStore(self.connection) if self.connection is not None else InMemorySnapshotStore()
+
+    def __call__(self, config: ModelConfig) -> ModelEngine:
+        """Load ``config``'s model and build its engine; raises ``ModelLoadError`` naming the model."""
+        settings = self.settings
+        loaded = load_model(config, self.device)
         if config.runtime == "onnx":  # the frozen fast path
             from service.onnx_classifier import to_onnx_runtime
 
             loaded = to_onnx_runtime(config, loaded, settings.threads or default_threads(settings))
-        shared: dict[str, Any] = {}
-        if connection is not None:
-            shared = {
-                "prob_cache": RedisProbabilityCache(connection, config.name),
-                "snapshots": RedisSnapshotStore(connection),
-                "replica": Replica(connection, config.name, config.role, settings.replica_id,
+        shared: dict[str, Any] = {"snapshots": self.snapshots}
+        if self.connection is not None:
+            shared |= {
+                "prob_cache": RedisProbabilityCache(self.connection, config.name),
+                "replica": Replica(self.connection, config.name, config.role, settings.replica_id,
                                    settings.lease_ttl_ms, settings.sync_interval_ms),
             }
-        engines.append(
-            ModelEngine(
-                config,
-                loaded,
-                device=device,
-                observer=observer,
-                feedback_window=settings.feedback_window,
-                prediction_memory=settings.prediction_memory,
-                **shared,
-            )
-        )
+        engine = ModelEngine(config, loaded, device=self.device, observer=self.observer,
+                             feedback_window=settings.feedback_window,
+                             prediction_memory=settings.prediction_memory, **shared)
         log.info("model %s: %s (%s, %s mode) on %s", config.name, config.method, config.architecture
-                 or config.torchscript or config.factory, config.mode, device)
-    return EngineRegistry(engines)
+                 or config.torchscript or config.factory, config.mode, self.device)
+        return engine
 
+
+def build_registry(settings: Settings, observer: EngineObserver | None = None) -> EngineRegistry:
+    """Load every configured model and build its engine; raises ``ModelLoadError`` naming the model.
+
+    The registry keeps the factory, so the repository API can load models later with the same pieces.
+    """
+    configure_torch(settings)
+    factory = EngineFactory(settings, observer)
+    return EngineRegistry([factory(config) for config in settings.resolved_models()], factory=factory)
 
 
 def routing_for_app(settings: Settings, registry: EngineRegistry, metrics: ServiceMetrics) -> Routing | None:

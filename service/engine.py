@@ -480,10 +480,23 @@ class ModelEngine:
 
 
 class EngineRegistry:
-    """The engines of every configured model, by name."""
+    """The engines of the served models, by name; ``factory`` builds more (the repository API)."""
 
-    def __init__(self, engines: list[ModelEngine]) -> None:
+    def __init__(self, engines: list[ModelEngine], factory: Callable[[ModelConfig], ModelEngine] | None = None) -> None:
         self._engines = {e.name: e for e in engines}
+        self.factory = factory
+
+    def add(self, engine: ModelEngine) -> ModelEngine | None:
+        """Serve ``engine`` under its name; returns the engine it replaces (still running), if any."""
+        previous = self._engines.get(engine.name)
+        self._engines[engine.name] = engine
+        return previous
+
+    def remove(self, name: str) -> ModelEngine:
+        """Stop routing requests to ``name``; returns its engine (still running: the caller stops it)."""
+        if name not in self._engines:
+            raise UnknownModel(name, sorted(self._engines))
+        return self._engines.pop(name)
 
     def get(self, name: str) -> ModelEngine:
         if name not in self._engines:
@@ -494,7 +507,7 @@ class EngineRegistry:
         return sorted(self._engines)
 
     def __iter__(self):
-        return iter(self._engines.values())
+        return iter(list(self._engines.values()))
 
     async def start(self) -> None:
         for engine in self._engines.values():

@@ -56,6 +56,8 @@ DOCUMENTED_ADMIN = {
     ("POST", "/v1/models/{name}/reset"),
     ("POST", "/v1/models/{name}/snapshots"),
     ("POST", "/v1/models/{name}/snapshots/{snapshot}/restore"),
+    ("POST", "/v2/repository/models/{name}/load"),
+    ("POST", "/v2/repository/models/{name}/unload"),
 }
 
 
@@ -134,6 +136,12 @@ def valid_admin_call(client: TestClient, method: str, path: str) -> httpx.Respon
         return client.post(url.replace("{snapshot}", "sec-snap"), headers=AUTH)
     if path.endswith("/reset"):
         return client.post(url, headers=AUTH)
+    if path.endswith("/load"):
+        return client.post(url, headers=AUTH)  # reloads the configured model
+    if path.endswith("/unload"):
+        unloaded = client.post(url, json={}, headers=AUTH)
+        client.post(url.replace("/unload", "/load"), headers=AUTH)  # served again for the checks that follow
+        return unloaded
     raise AssertionError(f"new admin route {method} {path}: add a valid request for it to this test")
 
 

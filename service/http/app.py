@@ -24,13 +24,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.composition import build_registry, configure_torch, routing_for_app
 from service.engine import EngineRegistry
-from service.http import routes_detect, routes_v1, routes_v2, routes_ws
+from service.http import routes_detect, routes_repository, routes_v1, routes_v2, routes_ws
 from service.http.errors import BodyTooLarge, error_response, install_error_handlers
 from service.http.image_requests import PredictJSON
 from service.http.infer_fast_path import InferFastPath
 from service.http.request_id import RequestIdMiddleware
 from service.http.request_metrics import RequestMetricsMiddleware
 from service.metrics import ServiceMetrics
+from service.repository import ModelRepository
 from service.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,8 @@ def create_app(
         if app.state.routing is None:  # CLIP, detectors and route tables (None when not configured)
             app.state.routing = await asyncio.to_thread(routing_for_app, settings, active, metrics)
         await active.start()
+        if active.factory is not None:
+            app.state.repository = ModelRepository(active, settings.resolved_models())
         log.info("serving models %s", active.names())
         grpc_server = None
         if settings.grpc_port is not None:
@@ -141,11 +144,13 @@ def create_app(
     app.state.registry = registry
     app.state.metrics = metrics
     app.state.routing = None
+    app.state.repository = None
     install_error_handlers(app)
     app.include_router(routes_v2.router)
     app.include_router(routes_detect.router)  # before v1: routed ensembles share its predict path
     app.include_router(routes_v1.router)
     app.include_router(routes_ws.router)
+    app.include_router(routes_repository.router)
 
     @app.get("/metrics", summary="Prometheus metrics", tags=["operations"], response_class=PlainTextResponse)
     async def prometheus_metrics(request: Request) -> Response:
