@@ -81,7 +81,9 @@ class EngineObserver:
         """The engine is serving. ``info`` holds its static labels (method, mode, role); ``health`` returns
         its gauges (:meth:`ModelEngine.health`, thread-safe and cheap) for reading at scrape time."""
 
-    def on_stop(self, model: str) -> None: ...
+    def on_stop(self, model: str, health: Callable[[], dict[str, Any]]) -> None:
+        """The engine stopped; ``health`` is the callable it registered (a reloaded model's new engine may
+        already be registered under the same name: only this one is forgotten)."""
 
     def on_predictions(self, model: str, entropy: torch.Tensor, confidence: torch.Tensor) -> None:
         """Per-sample entropy (nats) and confidence of every served prediction of a micro-batch."""
@@ -198,7 +200,7 @@ class ModelEngine:
         return None if self.replica is None else self.replica.status()
 
     async def stop(self) -> None:
-        self.observer.on_stop(self.name)
+        self.observer.on_stop(self.name, self.health)
         await self.monitor.stop()
         if self._replica_task is not None:
             self._replica_task.cancel()

@@ -150,8 +150,8 @@ class ServiceMetrics(EngineObserver):
                            self.samples_selected, self.prediction_entropy, self.prediction_confidence):
             per_method.labels(model, method)
 
-    def on_stop(self, model: str) -> None:
-        self.health_collector.remove(model)
+    def on_stop(self, model: str, health: Callable[[], dict[str, Any]]) -> None:
+        self.health_collector.remove(model, health)
 
     def on_adapt_dropped(self, model: str, samples: int) -> None:
         self.adapt_dropped.labels(model).inc(samples)
@@ -210,9 +210,11 @@ class EngineHealthCollector(Collector):
         with self._lock:
             self._engines[model] = (info, health)
 
-    def remove(self, model: str) -> None:
+    def remove(self, model: str, health: Callable[[], dict[str, Any]]) -> None:
+        """Forget ``model``'s health if ``health`` is what is registered (a reload registers its new engine first)."""
         with self._lock:
-            self._engines.pop(model, None)
+            if model in self._engines and self._engines[model][1] == health:
+                del self._engines[model]
 
     def describe(self) -> Iterable[Metric]:
         return self._families()

@@ -48,6 +48,8 @@ def test_load_reload_and_unload_under_traffic_fail_no_request_of_the_other_model
             assert c.post("/v2/repository/models/c/load", json={"parameters": {"config": config}}).status_code == 200
             assert _infer(c, server, "c", x).status_code == 200
             assert c.post("/v2/repository/models/b/load").status_code == 200  # a reload, from the configuration
+            metrics = c.get("/metrics").text  # the reloaded engine's health is what /metrics reads
+            assert 'tta_model_info{method="eata",mode="sync",model="b",role="standalone"} 1.0' in metrics
 
             for _ in range(3):  # adapt c a little, then keep its state on unload
                 _infer(c, server, "c", x)
