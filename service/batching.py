@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from service.settings import ModelConfig
+from service.tracing import current_context
 from service.worker import BatchPolicy
 
 
@@ -26,6 +27,8 @@ class PendingRequest:
     images: torch.Tensor
     future: asyncio.Future
     enqueued: float = field(default_factory=time.perf_counter)
+    enqueued_ns: int = field(default_factory=time.time_ns)  # wall clock, for the queue-wait span
+    trace_context: Any = field(default_factory=current_context)  # the request's trace (None: tracing off)
 
     @property
     def size(self) -> int:

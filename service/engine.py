@@ -45,6 +45,7 @@ from service.replication_contract import ReplicationPeer, StateRefused, T
 from service.settings import ModelConfig
 from service.small_batch import SmallBatchPredictor
 from service.snapshots import InMemorySnapshotStore, SnapshotInfo, SnapshotStore
+from service.tracing import record_span, span
 from service.worker import ADAPT, PREDICT, ModelWorker
 
 log = logging.getLogger(__name__)
@@ -247,6 +248,9 @@ class ModelEngine:
         """Run one micro-batch and hand each request its answers on the event loop (worker thread)."""
         x = batching.join(batch)
         answered = False
+        started_ns = time.time_ns()
+        for p in batch:
+            record_span("queue wait", p.trace_context, p.enqueued_ns, started_ns, {"model": self.name})
 
         def answer(outcome: list[Prediction] | Exception) -> None:
             nonlocal answered
@@ -256,7 +260,9 @@ class ModelEngine:
                 loop.call_soon_threadsafe(batching.deliver, batch, outcome)
 
         try:
-            self.run_batch(x, answer)
+            with span("batch forward", {"model": self.name, "batch_size": x.shape[0]}, parent=batch[0].trace_context,
+                      linked=[p.trace_context for p in batch[1:]]):
+                self.run_batch(x, answer)
         except Exception as exc:  # an engine fault fails this batch's requests, not the server
             if answered:  # the update after the answers went out failed: no request fails
                 log.exception("model %s: the update on a batch of %d answered images failed", self.name, x.shape[0])
@@ -325,7 +331,11 @@ class ModelEngine:
 
     def _step(self, x: torch.Tensor, on_prediction: adapters.PredictionCallback | None = None) -> adapters.StepResult:
         started = time.perf_counter()
-        result = self.adapter.step(x, on_prediction)
+        with span("adaptation step", {"model": self.name, "method": self.adapter.name}) as step_span:
+            result = self.adapter.step(x, on_prediction)
+            if step_span is not None:
+                step_span.set_attribute("samples_selected", int(result.selected.sum()))
+                step_span.set_attribute("updated", result.updated)
         if self.replica is not None and self.replica.is_leader and (result.updated or result.reset_reason):
             self.replica.publish(self)
         self.monitor.refresh_drift()

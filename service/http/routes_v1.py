@@ -24,6 +24,7 @@ from service.predictions import prediction_fields
 from service.preprocess import images_to_tensor
 from service.settings import MODEL_NAME_PATTERN
 from service.snapshots import SnapshotInfo
+from service.tracing import span
 
 router = APIRouter(prefix="/v1", tags=["v1: convenience and admin"])
 admin = [Depends(require_admin)]
@@ -137,13 +138,16 @@ async def get_model(engine: Engine) -> ModelInfo:
 async def predict(
     request: Request, engine: ReadyEngine, settings: AppSettings
 ) -> PredictResponse:
-    blobs, names, top_k = await read_images(request, engine.config.max_images_per_request)
-    images = await run_in_threadpool(
-        images_to_tensor, blobs, engine.config.input_size, settings.max_image_pixels, names
-    )
-    predictions = await engine.predict(images)
-    out = [PredictionOut(**prediction_fields(p, engine.classes, top_k)) for p in predictions]
-    return PredictResponse(model=engine.name, predictions=out)
+    with span("predict", {"model": engine.name, "protocol": "v1"}):
+        with span("decode"):
+            blobs, names, top_k = await read_images(request, engine.config.max_images_per_request)
+            images = await run_in_threadpool(
+                images_to_tensor, blobs, engine.config.input_size, settings.max_image_pixels, names
+            )
+        predictions = await engine.predict(images)
+        with span("encode"):
+            out = [PredictionOut(**prediction_fields(p, engine.classes, top_k)) for p in predictions]
+            return PredictResponse(model=engine.name, predictions=out)
 
 
 # ------------------------------------------------------------------------------------ feedback and state

@@ -37,6 +37,7 @@ from service.preprocess import (
     images_to_tensor,
 )
 from service.settings import Settings
+from service.tracing import span
 
 if TYPE_CHECKING:  # the route hands tensors over; it never computes on them
     import torch
@@ -239,20 +240,23 @@ async def run_inference(engine: ModelEngine, body: bytes, header_length: str | N
         raise ApiError(413, f"the JSON part of the request has {len(header)} bytes; the limit is {max_json} "
                        f"(max_json_body_bytes). Send the tensors as binary data ({HEADER_LENGTH}), as the Triton "
                        "client does by default")
-    try:
-        req = InferRequest.model_validate_json(header)
-    except ValidationError as exc:
-        raise bad_request_from(exc) from None
-    if len(req.inputs) == 1 and req.inputs[0].datatype == BYTES:  # encoded images: decoded as /v1 uploads are
-        blobs, names = encoded_images(req.inputs[0], binary, engine.config.max_images_per_request)
-        images = await run_in_threadpool(
-            images_to_tensor, blobs, engine.config.input_size, settings.max_image_pixels, names
-        )
-    else:
-        images = input_tensor(req, binary, engine.input_shape)
-    outputs = requested_outputs(req)
-    predictions = await engine.predict(images)
-    return infer_response(engine, req, predictions, outputs)
+    with span("infer", {"model": engine.name, "protocol": "v2"}):
+        with span("decode"):
+            try:
+                req = InferRequest.model_validate_json(header)
+            except ValidationError as exc:
+                raise bad_request_from(exc) from None
+            if len(req.inputs) == 1 and req.inputs[0].datatype == BYTES:  # encoded images: as /v1 uploads
+                blobs, names = encoded_images(req.inputs[0], binary, engine.config.max_images_per_request)
+                images = await run_in_threadpool(
+                    images_to_tensor, blobs, engine.config.input_size, settings.max_image_pixels, names
+                )
+            else:
+                images = input_tensor(req, binary, engine.input_shape)
+            outputs = requested_outputs(req)
+        predictions = await engine.predict(images)
+        with span("encode"):
+            return infer_response(engine, req, predictions, outputs)
 
 
 @router.post("/v2/models/{name}/versions/{version}/infer", include_in_schema=False)
