@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import adapters
+from adapters.datasets import to_tensor
 from adapters.models.digits import digits_split, load_digits_model
 
 BATCH = 64
@@ -32,9 +33,9 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     model = load_digits_model()
     (train_x, _), (x, y) = digits_split()
-    clean = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255
+    clean = to_tensor(x)
     labels = torch.from_numpy(y)
-    fisher_images = torch.from_numpy(train_x[:500]).permute(0, 3, 1, 2).float() / 255
+    fisher_images = to_tensor(train_x[:500])
     frozen = adapters.create("source", model)
     adapting = adapters.create("eata", model, fisher_data=fisher_images)
     print(f"{'segment':<14}{'frozen acc %':>14}{'EATA acc %':>12}{'selected':>10}")

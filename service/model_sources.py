@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import adapters
+from adapters.datasets import to_tensor
 from adapters.models import CheckpointError, Normalized, build_cifar_resnet, load_state_dict_file, load_weights
 from adapters.models.digits import DIGIT_CLASSES, digits_split, load_digits_model
 from service.errors import ModelLoadError
@@ -75,14 +76,13 @@ def _fisher(config: ModelConfig, module: nn.Module) -> adapters.FisherInfo | Non
     if config.fisher is not None:
         return adapters.FisherInfo.load(config.fisher, module)
     if config.fisher_data is not None:
-        from adapters.datasets import load_images, to_tensor
+        from adapters.datasets import load_images
 
         x, _ = load_images(config.fisher_data)
         return adapters.estimate_fisher(module, to_tensor(x[: config.fisher_size]))
     if config.architecture == "digits":  # the built-in model ships its clean data
         (x, _), _ = digits_split()
-        images = torch.from_numpy(x[: config.fisher_size]).permute(0, 3, 1, 2).float() / 255
-        return adapters.estimate_fisher(module, images)
+        return adapters.estimate_fisher(module, to_tensor(x[: config.fisher_size]))
     log.warning("model %s: no Fisher information configured; EATA runs without its anti-forgetting term",
                 config.name)
     return None

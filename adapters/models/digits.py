@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adapters.datasets import to_tensor
 from adapters.models.zoo import load_state_dict_file, load_weights
 
 DIGIT_CLASSES = [str(d) for d in range(10)]
@@ -64,10 +65,6 @@ def digits_split() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.
     return (x[:TRAIN_SIZE], y[:TRAIN_SIZE]), (x[TRAIN_SIZE:], y[TRAIN_SIZE:])
 
 
-def _to_tensor(x: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255.0
-
-
 def train_digits_model(epochs: int = 10, seed: int = 0) -> nn.Module:
     """Train :func:`digits_cnn` on the training split (a few seconds on one CPU thread).
 
@@ -86,7 +83,7 @@ def _train(epochs: int, seed: int) -> nn.Module:
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     (x, y), _ = digits_split()
-    xt, yt = _to_tensor(x), torch.from_numpy(y)
+    xt, yt = to_tensor(x), torch.from_numpy(y)
     model = digits_cnn()
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
