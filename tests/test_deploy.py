@@ -20,6 +20,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import copy
+import dataclasses
 import functools
 import json
 import re
@@ -51,7 +52,7 @@ COMPOSE = ROOT / "deploy" / "docker-compose.yml"
 DEPLOY_DOC = ROOT / "docs" / "deploy.md"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 IMAGE = "tta-serve"  # the image name the manifests use for the server
-K8S_BUILDS = [K8S_BASE, K8S / "overlays" / "cpu", K8S / "overlays" / "prometheus-operator"]
+K8S_BUILDS = [K8S_BASE, *(K8S / "overlays" / name for name in ("cpu", "prometheus-operator", "keda"))]
 
 
 # ====================================================================== what the server really has
@@ -460,7 +461,7 @@ def _requirement_closure(requirements: list[str]) -> set[str]:
 # ====================================================================== Kustomize rendering
 POD_OWNERS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"}
 #: Custom resources the Kubernetes API schemas do not describe (their operators' CRDs do).
-CUSTOM_KINDS = {"ServiceMonitor"}
+CUSTOM_KINDS = {"ServiceMonitor", "ScaledObject"}
 KUBERNETES_VERSION = "1.32.0"
 
 
@@ -658,8 +659,10 @@ def test_kustomization_renders_and_validates_strictly(build: Path) -> None:
     kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
     expected = {("Deployment", "tta-serve-leader"), ("Deployment", "tta-serve-follower"), ("Service", "tta-serve"),
                 ("Deployment", "tta-serve-redis"), ("Service", "tta-serve-redis"), ("Secret", "tta-serve-admin"),
-                ("HorizontalPodAutoscaler", "tta-serve-follower"), ("NetworkPolicy", "tta-serve-redis")}
+                ("NetworkPolicy", "tta-serve-redis")}
     assert expected <= kinds
+    scaler = ("ScaledObject" if build.name == "keda" else "HorizontalPodAutoscaler", "tta-serve-follower")
+    assert scaler in kinds and len([k for k in kinds if k[1] == "tta-serve-follower" and k[0] != "Deployment"]) == 1
     assert any(kind == "ConfigMap" and name.startswith("tta-serve-config-") for kind, name in kinds)
     if build.name == "prometheus-operator":
         assert ("ServiceMonitor", "tta-serve") in kinds
@@ -929,3 +932,21 @@ def test_deploy_doc_commands_match_the_files() -> None:
         assert f"deploy/k8s/overlays/{overlay}" in doc
     health = set(re.findall(r"/v2/health/\w+", doc))
     assert {"/v2/health/live", "/v2/health/ready"} <= health and all(served(p) for p in health)
+
+
+def test_keda_scales_the_followers_on_a_metric_the_server_exports() -> None:
+    from service.health_monitor import HealthSnapshot
+    from service.metrics import ServiceMetrics
+
+    docs = render_kustomization(K8S / "overlays" / "keda")
+    (scaled,) = [d for d in docs if d["kind"] == "ScaledObject"]
+    assert scaled["spec"]["scaleTargetRef"]["name"] == "tta-serve-follower"
+    deployments = {d["metadata"]["name"] for d in docs if d["kind"] == "Deployment"}
+    assert scaled["spec"]["scaleTargetRef"]["name"] in deployments
+    counters_and_histograms = {m.name for m in ServiceMetrics().registry.collect()}
+    gauges_read_at_scrape = {f"tta_{field.name}" for field in dataclasses.fields(HealthSnapshot)}
+    exported = counters_and_histograms | gauges_read_at_scrape
+    for trigger in scaled["spec"]["triggers"]:
+        names = set(re.findall(r"tta_[a-z_]+", trigger["metadata"]["query"]))
+        assert names and names <= exported, names - exported
+
