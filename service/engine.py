@@ -470,6 +470,7 @@ class ModelEngine:
             "model": self.name,
             "method": self.adapter.name,
             "mode": self.config.mode,
+            "device": str(self.adapter.device),
             "options": description["options"],
             "steps": stats.steps,
             "updates": stats.updates,
