@@ -323,7 +323,7 @@ def test_a_model_the_probe_finds_worse_than_its_source_is_reset(margin, resets):
     async def scenario():
         engine = await started(make_engine(method="tent", reset_when_worse_than_source=margin))
         x = images(64, seed=5)
-        labels = engine.adapter.predict(x).argmax(1)  # the source model, with these batch statistics: 100 %
+        labels = engine.source.predict(x).argmax(1)  # the frozen source model is 100 % right on its labels
         engine.monitor.probe = ProbeSet(x, labels)
         with torch.no_grad():  # an update that ruined the model (as collapse on correlated batches does)
             for p in engine.adapter.params.values():
