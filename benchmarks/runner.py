@@ -142,17 +142,21 @@ def resolve_options(methods: Sequence[str], overrides: Mapping[str, Mapping[str,
 
 
 def resolve_corruptions(names: Sequence[str] | None) -> tuple[str, ...]:
-    """The requested corruptions in the spec order (the stream order), refusing unknown names."""
-    from adapters.corruptions import CORRUPTIONS
+    """The requested corruptions in the spec order (the stream order), refusing unknown names.
+
+    The validation corruptions (``VALIDATION_CORRUPTIONS``) run only when named, after the 15.
+    """
+    from adapters.corruptions import CORRUPTIONS, VALIDATION_CORRUPTIONS
 
     if names is None:
         return CORRUPTIONS
-    unknown = [n for n in names if n not in CORRUPTIONS]
+    known = (*CORRUPTIONS, *VALIDATION_CORRUPTIONS)
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise BenchError(f"unknown corruption(s) {unknown}; choose from {list(CORRUPTIONS)}", "--corruptions")
+        raise BenchError(f"unknown corruption(s) {unknown}; choose from {list(known)}", "--corruptions")
     if not names:
         raise BenchError("no corruption selected", "--corruptions")
-    return tuple(n for n in CORRUPTIONS if n in set(names))
+    return tuple(n for n in known if n in set(names))
 
 
 # --------------------------------------------------------------------------- data
