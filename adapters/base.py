@@ -25,7 +25,7 @@ from adapters.configure import (
     require_norm_layers,
     use_batch_statistics,
 )
-from adapters.correlation import class_diversity
+from adapters.correlation import ClassMixMonitor
 from adapters.guard import MANUAL, CollapseGuard, CollapseGuardOptions
 from adapters.lame import LameOptions, PenultimateFeatures, lame
 from adapters.prob_cache import InProcessProbabilityCache, ProbabilityCache
@@ -51,12 +51,16 @@ class AdapterOptions(BaseModel):
 
     ``lame`` corrects each batch's returned probabilities with LAME (:mod:`adapters.lame`), on top of
     whatever the method predicts; with its ``max_class_diversity`` gate only batches that look
-    class-correlated are corrected.
+    class-correlated are corrected. A batch's class diversity is relative to the recent traffic
+    (:class:`adapters.correlation.ClassMixMonitor`, moving average with ``diversity_momentum``).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     lame: LameOptions = Field(default_factory=LameOptions)
+    diversity_momentum: float = Field(
+        0.9, ge=0, lt=1, description="weight of the old average of predicted-class histograms"
+    )
 
 
 class BatchStatisticsOptions(AdapterOptions):
@@ -76,9 +80,10 @@ class BatchStatisticsOptions(AdapterOptions):
 class OptimizedOptions(BatchStatisticsOptions):
     """Options of methods that update parameters (Tent, EATA, EATA-C).
 
-    ``min_class_diversity`` skips the update on a batch whose predicted classes look correlated
-    (:func:`adapters.correlation.class_diversity` below it): entropy minimisation on a batch of one class
-    teaches the model that every input is that class. The prediction is returned either way.
+    ``min_class_diversity`` skips the update on a batch whose predicted classes look correlated (its
+    class diversity relative to the recent traffic below it, see :class:`adapters.correlation.ClassMixMonitor`):
+    entropy minimisation on a batch of one class teaches the model that every input is that class. The
+    prediction is returned either way.
     """
 
     optimizer: Literal["adam", "sgd"] = Field("adam", description="Adam as in the CIFAR reference settings")
@@ -93,7 +98,7 @@ class OptimizedOptions(BatchStatisticsOptions):
     )
     guard: CollapseGuardOptions = Field(default_factory=CollapseGuardOptions)
     min_class_diversity: float | None = Field(
-        None, ge=0, le=1, description="skip the update when the batch's class diversity is below this (None: never)"
+        None, ge=0, description="skip the update when the batch's relative class diversity is below this (None: never)"
     )
 
 
@@ -173,6 +178,7 @@ class Adapter:
             self.robust_layers = []
         self.device = model_device(self.model)
         self.features = PenultimateFeatures(self.model) if options.lame.enabled else None
+        self.class_mix = ClassMixMonitor(options.diversity_momentum)
         self.num_classes = num_classes
         self.prob_cache: ProbabilityCache = prob_cache or InProcessProbabilityCache()
         self.source_params = {name: p.detach().clone() for name, p in self.params.items()}
@@ -215,7 +221,7 @@ class Adapter:
         x = x.to(self.device)
         with torch.no_grad(), self._capturing_features():
             logits = self.forward(x)
-            return self.correct_output(self.calibrate(x, logits))
+            return self.correct_output(self.calibrate(x, logits), self.class_mix.score(logits))
 
     def step(self, x: torch.Tensor, on_prediction: PredictionCallback | None = None) -> StepResult:
         """Predict ``x`` and, for adapting methods, take one update step on it.
@@ -232,13 +238,14 @@ class Adapter:
             self.num_classes = logits.shape[1]
         detached = logits.detach()
         ent = entropy(detached)
+        diversity = self.class_mix.observe(detached)
         reliable, selected = self.select(detached, ent)
-        returned = self.correct_output(self.calibrate(x, detached))
+        returned = self.correct_output(self.calibrate(x, detached), diversity)
         if on_prediction is not None:
             on_prediction(returned, ent, reliable, selected)
         loss_value: float | None = None
         updated = False
-        if self.updates_parameters and bool(selected.any()) and self.update_allowed(detached):
+        if self.updates_parameters and bool(selected.any()) and self.update_allowed(diversity):
             if grad_forward:
                 loss = self.loss(x, logits, selected)
             else:
@@ -266,7 +273,7 @@ class Adapter:
     def _capturing_features(self) -> Any:
         return self.features.capture() if self.features is not None else nullcontext()
 
-    def correct_output(self, logits: torch.Tensor) -> torch.Tensor:
+    def correct_output(self, logits: torch.Tensor, diversity: float) -> torch.Tensor:
         """LAME on the batch's returned logits, if enabled and the gate lets this batch through.
 
         LAME yields probabilities; their log is returned as logits (softmax gives them back), so
@@ -276,16 +283,16 @@ class Adapter:
         features = self.features.take() if self.features is not None else None
         if features is None or logits.shape[0] < 2:
             return logits
-        if opts.max_class_diversity is not None and class_diversity(logits) > opts.max_class_diversity:
+        if opts.max_class_diversity is not None and diversity > opts.max_class_diversity:
             return logits
         probs = lame(logits.softmax(1), features, opts.affinity, opts.knn, opts.strength, opts.max_steps,
                      opts.symmetric)
         return probs.clamp_min(1e-20).log().to(logits.dtype)
 
-    def update_allowed(self, logits: torch.Tensor) -> bool:
+    def update_allowed(self, diversity: float) -> bool:
         """False for a batch that looks class-correlated (``min_class_diversity``): skip its update."""
         threshold = getattr(self.options, "min_class_diversity", None)
-        return threshold is None or class_diversity(logits) >= threshold
+        return threshold is None or diversity >= threshold
 
     def _account(
         self,
@@ -347,6 +354,7 @@ class Adapter:
         self.prob_cache.clear()
         self.guard.reset()
         self.stats.entropy_ema = None
+        self.class_mix.reset()
         for layer in self.robust_layers:
             layer.reset()
         self.stats.parameter_version += 1
@@ -403,6 +411,7 @@ class Adapter:
             "stats": asdict(self.stats),
             "extra": self.extra_state(),
             "norm_statistics": statistics_state(self.robust_layers),
+            "class_mix": self.class_mix.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -422,6 +431,7 @@ class Adapter:
         stats["resets"] = dict(stats.get("resets", {}))
         self.stats = AdapterStats(**stats)
         self.load_extra_state(state.get("extra", {}))
+        self.class_mix.load_state_dict(state.get("class_mix", {}))
         if self.robust_layers and "norm_statistics" in state:
             load_statistics_state(self.robust_layers, state["norm_statistics"])
 

@@ -8,7 +8,7 @@ penultimate features of the same forward pass (L2-normalised) and works on top o
 LAME hurts on i.i.d. batches (the reference benchmark: 20.8 points worse than source on CIFAR-10-C),
 because the pairwise term grows with the batch and merges classes that merely look alike, so
 :class:`LameOptions` has a gate, ``max_class_diversity``: correct only batches whose predicted classes
-look correlated (:func:`adapters.correlation.class_diversity`).
+look correlated, less diverse than the recent traffic (:class:`adapters.correlation.ClassMixMonitor`).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class LameOptions(BaseModel):
     max_steps: int = Field(100, ge=1, description="bound-optimisation iterations at most")
     symmetric: bool = Field(False, description="use (W + W^T) / 2 (the reference leaves it off)")
     max_class_diversity: float | None = Field(
-        None, ge=0, le=1, description="correct only batches whose class diversity is at most this (None: every batch)"
+        None, ge=0, description="correct only batches whose relative class diversity is at most this (None: all)"
     )
 
 

@@ -10,7 +10,7 @@ import torch
 from helpers import images, small_bn_cnn
 
 import adapters
-from adapters.correlation import class_diversity
+from adapters.correlation import ClassMixMonitor, class_diversity
 from adapters.lame import affinity_matrix, lame, lame_energy
 from adapters.robust_norm import RobustBatchNorm
 from adapters.serialization import state_from_bytes, state_to_bytes
@@ -28,7 +28,8 @@ def robust_layers(adapter: adapters.Adapter) -> list[RobustBatchNorm]:
         ("tent", {"bn_momentum": 0}, "bn_momentum"),
         ("eata", {"bn_alpha": 1.5}, "bn_alpha"),
         ("source", {"bn_stats": "ema"}, "bn_stats"),  # the frozen model has no batch statistics
-        ("tent", {"min_class_diversity": 2}, "min_class_diversity"),
+        ("tent", {"min_class_diversity": -1}, "min_class_diversity"),
+        ("tent", {"diversity_momentum": 1}, "diversity_momentum"),
         ("norm", {"min_class_diversity": 0.5}, "min_class_diversity"),  # norm never updates
         ("source", {"lame": {"knn": 0}}, "lame.knn"),
         ("eata", {"lame": {"affinity": "cosine"}}, "lame.affinity"),
@@ -102,17 +103,39 @@ def test_robust_adapters_keep_the_parameter_names_of_batch_mode():
 
 
 # --------------------------------------------------------------------------- the update gate
+def _one_hot_logits(labels: list[int]) -> torch.Tensor:
+    return 5 * torch.nn.functional.one_hot(torch.tensor(labels), 10).float()
+
+
 def test_class_diversity_separates_one_class_batches_from_mixed_ones():
-    one_class = torch.zeros(64, 10)
-    one_class[:, 3] = 5
-    mixed = torch.nn.functional.one_hot(torch.arange(64) % 10, 10).float()
-    assert class_diversity(one_class) == 0.0
-    assert class_diversity(mixed) > 0.99
-    assert class_diversity(mixed[:1]) == 1.0  # nothing to judge
+    assert class_diversity(_one_hot_logits([3] * 64)) == 0.0
+    assert class_diversity(_one_hot_logits([i % 10 for i in range(64)])) > 0.99
+    assert class_diversity(_one_hot_logits([3])) == 1.0  # nothing to judge
+
+
+def test_batches_are_judged_against_the_recent_mix_of_classes():
+    """A model that sees only three classes on i.i.d. traffic (heavy noise) is not 'correlated'; a batch
+    of one class after traffic of ten is."""
+    few = ClassMixMonitor()
+    for _ in range(20):
+        score = few.observe(_one_hot_logits([0, 1, 2] * 21))
+    assert score > 0.95
+    many = ClassMixMonitor()
+    assert many.observe(_one_hot_logits([5] * 64)) == 1.0  # nothing to compare with yet
+    for _ in range(20):
+        many.observe(_one_hot_logits([i % 10 for i in range(64)]))
+    assert many.score(_one_hot_logits([i % 10 for i in range(64)])) > 0.95
+    assert many.observe(_one_hot_logits([4] * 60 + [7] * 4)) < 0.2
+    restored = ClassMixMonitor()
+    restored.load_state_dict(state_from_bytes(state_to_bytes(many.state_dict())))
+    assert torch.equal(restored.average, many.average)
 
 
 def test_correlated_batches_are_predicted_but_drive_no_update():
-    strict = adapters.create("tent", small_bn_cnn(), min_class_diversity=1.0)  # no real batch is that even
+    """After traffic of every class, a batch the (untrained) model puts in one class is not learned from."""
+    strict = adapters.create("tent", small_bn_cnn(), min_class_diversity=0.5)
+    strict.class_mix.average = torch.full((10,), 0.1, dtype=torch.float64)
+    assert class_diversity(strict.predict(images())) < 0.2
     before = {k: v.clone() for k, v in strict.params.items()}
     result = strict.step(images())
     assert not result.updated and result.logits.shape == (32, 10)
@@ -183,10 +206,13 @@ def test_lame_on_an_adapter_returns_log_probabilities_and_the_gate_spares_divers
     corrected = adapters.create("source", _varied_mlp(), lame={"enabled": True}).step(x).logits
     assert torch.allclose(corrected.exp().sum(1), torch.ones(32), atol=1e-5)
     assert not torch.allclose(corrected.softmax(1), plain.softmax(1), atol=1e-3)
-    diversity = class_diversity(plain)
-    assert diversity > 0.5
-    gated = adapters.create("source", _varied_mlp(), lame={"enabled": True, "max_class_diversity": diversity - 0.01})
+    assert class_diversity(plain) > 0.5
+    # The first batch is as diverse as the traffic so far (relative diversity 1): a gate below 1 spares it.
+    gated = adapters.create("source", _varied_mlp(), lame={"enabled": True, "max_class_diversity": 0.9})
     assert torch.equal(gated.step(x).logits, plain)
-    let_through = adapters.create("source", _varied_mlp(), lame={"enabled": True, "max_class_diversity": diversity})
-    assert torch.allclose(let_through.step(x).logits, corrected)
-    assert torch.allclose(let_through.predict(x), corrected)
+    # After traffic of every class, the same batch looks correlated and is corrected.
+    gated.class_mix.average = torch.full((10,), 0.1, dtype=torch.float64)
+    gated.class_mix.momentum = 0.99
+    assert gated.class_mix.score(plain) < 0.9
+    assert torch.allclose(gated.predict(x), corrected)
+    assert torch.allclose(gated.step(x).logits, corrected)
