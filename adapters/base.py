@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from adapters.configure import (
@@ -31,6 +31,7 @@ from adapters.lame import LameOptions, PenultimateFeatures, lame
 from adapters.prob_cache import InProcessProbabilityCache, ProbabilityCache
 from adapters.robust_norm import (
     StatisticsMode,
+    commit,
     load_statistics_state,
     recording,
     statistics_state,
@@ -70,11 +71,23 @@ class BatchStatisticsOptions(AdapterOptions):
     ``batch`` (the papers: the current batch alone), ``ema`` (RoTTA's robust BN: a moving average from
     the source statistics, ``bn_momentum`` per batch) or ``mix`` (alpha-BN: ``bn_alpha`` of the batch,
     the rest source). The robust modes keep class-correlated batches from corrupting normalisation.
+    ``bn_min_class_diversity`` (``ema`` only) leaves the moving average alone on a batch that looks
+    class-correlated (relative class diversity below it), so the average follows the domain, not the
+    classes, and may move faster (a larger ``bn_momentum``).
     """
 
     bn_stats: StatisticsMode = Field("batch", description="BatchNorm statistics: 'batch', 'ema' (RBN) or 'mix'")
     bn_momentum: float = Field(0.05, gt=0, le=1, description="'ema': weight of each batch in the moving average")
     bn_alpha: float = Field(0.1, gt=0, le=1, description="'mix': weight of the batch against the source")
+    bn_min_class_diversity: float | None = Field(
+        None, ge=0, description="'ema': do not record batches whose relative class diversity is below this"
+    )
+
+    @model_validator(mode="after")
+    def _gate_needs_ema(self) -> BatchStatisticsOptions:
+        if self.bn_min_class_diversity is not None and self.bn_stats != "ema":
+            raise ValueError("bn_min_class_diversity gates the moving average of bn_stats='ema' only")
+        return self
 
 
 class OptimizedOptions(BatchStatisticsOptions):
@@ -239,6 +252,8 @@ class Adapter:
         detached = logits.detach()
         ent = entropy(detached)
         diversity = self.class_mix.observe(detached)
+        bn_gate = getattr(self.options, "bn_min_class_diversity", None)
+        commit(self.robust_layers, keep=bn_gate is None or diversity >= bn_gate)
         reliable, selected = self.select(detached, ent)
         returned = self.correct_output(self.calibrate(x, detached), diversity)
         if on_prediction is not None:

@@ -54,8 +54,10 @@ class RobustBatchNorm(nn.BatchNorm2d):
         self.source_var = self.running_var.clone()
         self.mode = mode
         self.blend = momentum
-        #: The next forward in batch mode moves the moving average (``ema`` only), then this turns off.
+        #: The next forward in batch mode computes the moving average's next value (``ema`` only) into
+        #: ``pending``, then this turns off; :func:`commit` stores it, or the adapter drops it.
         self.armed = False
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self.training = layer.training
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
@@ -72,9 +74,7 @@ class RobustBatchNorm(nn.BatchNorm2d):
             mean = (1 - self.blend) * self.running_mean + self.blend * batch_mean
             var = (1 - self.blend) * self.running_var + self.blend * batch_var
             if self.mode == "ema" and self.armed:
-                with torch.no_grad():
-                    self.running_mean.copy_(mean.detach())
-                    self.running_var.copy_(var.detach())
+                self.pending = (mean.detach(), var.detach())
                 self.armed = False
         else:
             mean, var = self.running_mean, self.running_var
@@ -91,6 +91,7 @@ class RobustBatchNorm(nn.BatchNorm2d):
             self.running_mean.copy_(self.source_mean)
             self.running_var.copy_(self.source_var)
         self.armed = False
+        self.pending = None
 
 
 def use_robust_statistics(model: nn.Module, mode: StatisticsMode, momentum: float) -> list[RobustBatchNorm]:
@@ -109,15 +110,27 @@ def use_robust_statistics(model: nn.Module, mode: StatisticsMode, momentum: floa
 
 @contextmanager
 def recording(layers: list[RobustBatchNorm]) -> Iterator[None]:
-    """Inside, each layer's first batch-mode forward moves its moving average (a step's prediction
-    forward); later forwards in the same step (a sub-network, a re-forward of selected samples) do not."""
+    """Inside, each layer's first batch-mode forward (a step's prediction forward) computes the moving
+    average's next value; later forwards in the same step (a sub-network, a re-forward of selected
+    samples) do not. :func:`commit` then stores it: the adapter may first judge the batch."""
     for layer in layers:
         layer.armed = True
+        layer.pending = None
     try:
         yield
     finally:
         for layer in layers:
             layer.armed = False
+
+
+def commit(layers: list[RobustBatchNorm], keep: bool = True) -> None:
+    """Store (``keep``) or drop the moving averages computed by the last :func:`recording` forward."""
+    with torch.no_grad():
+        for layer in layers:
+            if keep and layer.pending is not None:
+                layer.running_mean.copy_(layer.pending[0])
+                layer.running_var.copy_(layer.pending[1])
+            layer.pending = None
 
 
 def statistics_state(layers: list[RobustBatchNorm]) -> list[tuple[torch.Tensor, torch.Tensor]]:

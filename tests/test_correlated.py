@@ -30,6 +30,7 @@ def robust_layers(adapter: adapters.Adapter) -> list[RobustBatchNorm]:
         ("source", {"bn_stats": "ema"}, "bn_stats"),  # the frozen model has no batch statistics
         ("tent", {"min_class_diversity": -1}, "min_class_diversity"),
         ("tent", {"diversity_momentum": 1}, "diversity_momentum"),
+        ("norm", {"bn_min_class_diversity": 0.8}, "bn_min_class_diversity"),  # needs bn_stats='ema'
         ("norm", {"min_class_diversity": 0.5}, "min_class_diversity"),  # norm never updates
         ("source", {"lame": {"knn": 0}}, "lame.knn"),
         ("eata", {"lame": {"affinity": "cosine"}}, "lame.affinity"),
@@ -83,6 +84,19 @@ def test_one_step_moves_the_moving_average_once(method, options):
     adapter.step(x)
     for ours, theirs in zip(robust_layers(adapter)[:1], robust_layers(reference)[:1], strict=True):
         assert torch.allclose(ours.running_mean, theirs.running_mean, atol=1e-6)
+
+
+def test_gated_moving_average_ignores_batches_that_look_correlated():
+    """After traffic of every class, a batch the model puts in one class leaves the statistics alone."""
+    gated = adapters.create("norm", small_bn_cnn(), bn_stats="ema", bn_min_class_diversity=0.5)
+    gated.class_mix.average = torch.full((10,), 0.1, dtype=torch.float64)
+    source_mean = robust_layers(gated)[0].running_mean.clone()
+    gated.step(images())
+    assert torch.equal(robust_layers(gated)[0].running_mean, source_mean)
+    ungated = adapters.create("norm", small_bn_cnn(), bn_stats="ema")
+    ungated.class_mix.average = torch.full((10,), 0.1, dtype=torch.float64)
+    ungated.step(images())
+    assert not torch.equal(robust_layers(ungated)[0].running_mean, source_mean)
 
 
 def test_robust_statistics_survive_a_state_round_trip():
