@@ -192,6 +192,10 @@ class Adapter:
         self.device = model_device(self.model)
         self.features = PenultimateFeatures(self.model) if options.lame.enabled else None
         self.class_mix = ClassMixMonitor(options.diversity_momentum)
+        # Only a configured gate reads the class mix: without one, no histogram (and no host sync) per step.
+        gates = (options.lame.max_class_diversity, getattr(options, "min_class_diversity", None),
+                 getattr(options, "bn_min_class_diversity", None))
+        self.watches_class_mix = any(g is not None for g in gates)
         self.num_classes = num_classes
         self.prob_cache: ProbabilityCache = prob_cache or InProcessProbabilityCache()
         self.source_params = {name: p.detach().clone() for name, p in self.params.items()}
@@ -234,7 +238,8 @@ class Adapter:
         x = x.to(self.device)
         with torch.no_grad(), self._capturing_features():
             logits = self.forward(x)
-            return self.correct_output(self.calibrate(x, logits), self.class_mix.score(logits))
+            diversity = self.class_mix.score(logits) if self.watches_class_mix else 1.0
+            return self.correct_output(self.calibrate(x, logits), diversity)
 
     def step(self, x: torch.Tensor, on_prediction: PredictionCallback | None = None) -> StepResult:
         """Predict ``x`` and, for adapting methods, take one update step on it.
@@ -251,7 +256,7 @@ class Adapter:
             self.num_classes = logits.shape[1]
         detached = logits.detach()
         ent = entropy(detached)
-        diversity = self.class_mix.observe(detached)
+        diversity = self.class_mix.observe(detached) if self.watches_class_mix else 1.0
         bn_gate = getattr(self.options, "bn_min_class_diversity", None)
         commit(self.robust_layers, keep=bn_gate is None or diversity >= bn_gate)
         reliable, selected = self.select(detached, ent)
