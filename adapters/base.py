@@ -10,11 +10,12 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from adapters.configure import (
@@ -24,8 +25,18 @@ from adapters.configure import (
     require_norm_layers,
     use_batch_statistics,
 )
+from adapters.correlation import ClassMixMonitor
 from adapters.guard import MANUAL, CollapseGuard, CollapseGuardOptions
+from adapters.lame import LameOptions, PenultimateFeatures, lame
 from adapters.prob_cache import InProcessProbabilityCache, ProbabilityCache
+from adapters.robust_norm import (
+    StatisticsMode,
+    commit,
+    load_statistics_state,
+    recording,
+    statistics_state,
+    use_robust_statistics,
+)
 
 ENTROPY_EMA_MOMENTUM = 0.9
 
@@ -37,13 +48,56 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 class AdapterOptions(BaseModel):
-    """Options common to every method. Unknown options are refused by name."""
+    """Options common to every method. Unknown options are refused by name.
+
+    ``lame`` corrects each batch's returned probabilities with LAME (:mod:`adapters.lame`), on top of
+    whatever the method predicts; with its ``max_class_diversity`` gate only batches that look
+    class-correlated are corrected. A batch's class diversity is relative to the recent traffic
+    (:class:`adapters.correlation.ClassMixMonitor`, moving average with ``diversity_momentum``).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    lame: LameOptions = Field(default_factory=LameOptions)
+    diversity_momentum: float = Field(
+        0.9, ge=0, lt=1, description="weight of the old average of predicted-class histograms"
+    )
 
-class OptimizedOptions(AdapterOptions):
-    """Options of methods that update parameters (Tent, EATA, EATA-C)."""
+
+class BatchStatisticsOptions(AdapterOptions):
+    """Options of methods that normalise with batch statistics (every method but source).
+
+    ``bn_stats`` chooses what BatchNorm layers normalise with (see :mod:`adapters.robust_norm`):
+    ``batch`` (the papers: the current batch alone), ``ema`` (RoTTA's robust BN: a moving average from
+    the source statistics, ``bn_momentum`` per batch) or ``mix`` (alpha-BN: ``bn_alpha`` of the batch,
+    the rest source). The robust modes keep class-correlated batches from corrupting normalisation.
+    ``bn_min_class_diversity`` (``ema`` only) leaves the moving average alone on a batch that looks
+    class-correlated (relative class diversity below it), so the average follows the domain, not the
+    classes, and may move faster (a larger ``bn_momentum``).
+    """
+
+    bn_stats: StatisticsMode = Field("batch", description="BatchNorm statistics: 'batch', 'ema' (RBN) or 'mix'")
+    bn_momentum: float = Field(0.05, gt=0, le=1, description="'ema': weight of each batch in the moving average")
+    bn_alpha: float = Field(0.1, gt=0, le=1, description="'mix': weight of the batch against the source")
+    bn_min_class_diversity: float | None = Field(
+        None, ge=0, description="'ema': do not record batches whose relative class diversity is below this"
+    )
+
+    @model_validator(mode="after")
+    def _gate_needs_ema(self) -> BatchStatisticsOptions:
+        if self.bn_min_class_diversity is not None and self.bn_stats != "ema":
+            raise ValueError("bn_min_class_diversity gates the moving average of bn_stats='ema' only")
+        return self
+
+
+class OptimizedOptions(BatchStatisticsOptions):
+    """Options of methods that update parameters (Tent, EATA, EATA-C).
+
+    ``min_class_diversity`` skips the update on a batch whose predicted classes look correlated (its
+    class diversity relative to the recent traffic below it, see :class:`adapters.correlation.ClassMixMonitor`):
+    entropy minimisation on a batch of one class teaches the model that every input is that class. The
+    prediction is returned either way.
+    """
 
     optimizer: Literal["adam", "sgd"] = Field("adam", description="Adam as in the CIFAR reference settings")
     lr: float = Field(1e-3, gt=0, description="learning rate (CIFAR: Adam 1e-3; ImageNet: SGD 0.00025)")
@@ -56,6 +110,9 @@ class OptimizedOptions(AdapterOptions):
         "predicts without gradient and re-forwards only the selected samples with gradient",
     )
     guard: CollapseGuardOptions = Field(default_factory=CollapseGuardOptions)
+    min_class_diversity: float | None = Field(
+        None, ge=0, description="skip the update when the batch's relative class diversity is below this (None: never)"
+    )
 
 
 #: ``on_prediction(logits, entropy, reliable, selected)`` of :meth:`Adapter.step`.
@@ -127,11 +184,23 @@ class Adapter:
         if self.uses_batch_statistics:
             require_norm_layers(self.model, self.name)
             use_batch_statistics(self.model)
+            self.robust_layers = use_robust_statistics(
+                self.model,
+                options.bn_stats,  # type: ignore[attr-defined]
+                options.bn_momentum if options.bn_stats == "ema" else options.bn_alpha,  # type: ignore[attr-defined]
+            )
             self.params = adaptable_parameters(self.model)
         else:
             self.model.eval().requires_grad_(False)
             self.params = {}
+            self.robust_layers = []
         self.device = model_device(self.model)
+        self.features = PenultimateFeatures(self.model) if options.lame.enabled else None
+        self.class_mix = ClassMixMonitor(options.diversity_momentum)
+        # Only a configured gate reads the class mix: without one, no histogram (and no host sync) per step.
+        gates = (options.lame.max_class_diversity, getattr(options, "min_class_diversity", None),
+                 getattr(options, "bn_min_class_diversity", None))
+        self.watches_class_mix = any(g is not None for g in gates)
         self.num_classes = num_classes
         self.prob_cache: ProbabilityCache = prob_cache or InProcessProbabilityCache()
         self.source_params = {name: p.detach().clone() for name, p in self.params.items()}
@@ -173,8 +242,10 @@ class Adapter:
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Logits with the current weights, no update and no counters (async serving, evaluation)."""
         x = x.to(self.device)
-        with torch.no_grad():
-            return self.calibrate(x, self.forward(x))
+        with torch.no_grad(), self._capturing_features():
+            logits = self.forward(x)
+            diversity = self.class_mix.score(logits) if self.watches_class_mix else 1.0
+            return self.correct_output(self.calibrate(x, logits), diversity)
 
     def step(self, x: torch.Tensor, on_prediction: PredictionCallback | None = None) -> StepResult:
         """Predict ``x`` and, for adapting methods, take one update step on it.
@@ -185,19 +256,22 @@ class Adapter:
         """
         x = x.to(self.device)
         grad_forward = self.updates_parameters and self.options.backward == "full"  # type: ignore[attr-defined]
-        with torch.set_grad_enabled(grad_forward):
+        with torch.set_grad_enabled(grad_forward), recording(self.robust_layers), self._capturing_features():
             logits = self.forward(x)
         if self.num_classes is None:
             self.num_classes = logits.shape[1]
         detached = logits.detach()
         ent = entropy(detached)
+        diversity = self.class_mix.observe(detached) if self.watches_class_mix else 1.0
+        bn_gate = getattr(self.options, "bn_min_class_diversity", None)
+        commit(self.robust_layers, keep=bn_gate is None or diversity >= bn_gate)
         reliable, selected = self.select(detached, ent)
-        returned = self.calibrate(x, detached)
+        returned = self.correct_output(self.calibrate(x, detached), diversity)
         if on_prediction is not None:
             on_prediction(returned, ent, reliable, selected)
         loss_value: float | None = None
         updated = False
-        if self.updates_parameters and bool(selected.any()):
+        if self.updates_parameters and bool(selected.any()) and self.update_allowed(diversity):
             if grad_forward:
                 loss = self.loss(x, logits, selected)
             else:
@@ -221,6 +295,30 @@ class Adapter:
             reset_reason=reset_reason,
             parameter_version=self.stats.parameter_version,
         )
+
+    def _capturing_features(self) -> Any:
+        return self.features.capture() if self.features is not None else nullcontext()
+
+    def correct_output(self, logits: torch.Tensor, diversity: float) -> torch.Tensor:
+        """LAME on the batch's returned logits, if enabled and the gate lets this batch through.
+
+        LAME yields probabilities; their log is returned as logits (softmax gives them back), so
+        confidence and entropy computed downstream are those of the corrected probabilities.
+        """
+        opts = self.options.lame
+        features = self.features.take() if self.features is not None else None
+        if features is None or logits.shape[0] < 2:
+            return logits
+        if opts.max_class_diversity is not None and diversity > opts.max_class_diversity:
+            return logits
+        probs = lame(logits.softmax(1), features, opts.affinity, opts.knn, opts.strength, opts.max_steps,
+                     opts.symmetric)
+        return probs.clamp_min(1e-20).log().to(logits.dtype)
+
+    def update_allowed(self, diversity: float) -> bool:
+        """False for a batch that looks class-correlated (``min_class_diversity``): skip its update."""
+        threshold = getattr(self.options, "min_class_diversity", None)
+        return threshold is None or diversity >= threshold
 
     def _account(
         self,
@@ -282,6 +380,9 @@ class Adapter:
         self.prob_cache.clear()
         self.guard.reset()
         self.stats.entropy_ema = None
+        self.class_mix.reset()
+        for layer in self.robust_layers:
+            layer.reset()
         self.stats.parameter_version += 1
         self.stats.resets[reason] = self.stats.resets.get(reason, 0) + 1
         self.reset_extra()
@@ -335,6 +436,8 @@ class Adapter:
             "guard": self.guard.state_dict(),
             "stats": asdict(self.stats),
             "extra": self.extra_state(),
+            "norm_statistics": statistics_state(self.robust_layers),
+            "class_mix": self.class_mix.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -354,6 +457,9 @@ class Adapter:
         stats["resets"] = dict(stats.get("resets", {}))
         self.stats = AdapterStats(**stats)
         self.load_extra_state(state.get("extra", {}))
+        self.class_mix.load_state_dict(state.get("class_mix", {}))
+        if self.robust_layers and "norm_statistics" in state:
+            load_statistics_state(self.robust_layers, state["norm_statistics"])
 
     def extra_state(self) -> dict[str, Any]:
         return {}

@@ -24,13 +24,18 @@ import torch
 from torch import nn
 
 from adapters.configure import BATCH_NORMS, model_device
+from adapters.robust_norm import RobustBatchNorm
 
 
 class RecentBatchStatistics:
     """Averages the input statistics of ``model``'s batch-statistics BatchNorm layers over large batches."""
 
     def __init__(self, model: nn.Module, min_batch: int, momentum: float = 0.2) -> None:
-        self.layers = [m for m in model.modules() if isinstance(m, BATCH_NORMS) and m.training]
+        # Robust layers (bn_stats 'ema'/'mix') already normalise a small batch with mostly stored statistics.
+        self.layers = [
+            m for m in model.modules()
+            if isinstance(m, BATCH_NORMS) and m.training and not isinstance(m, RobustBatchNorm)
+        ]
         self.min_batch = max(2, min_batch)
         self.momentum = momentum
         # Allocated once and only updated in place: a traced graph that normalises with them keeps reading them.

@@ -24,6 +24,13 @@ class Protocol(StrEnum):
     reset = "reset"
 
 
+class StreamOrder(StrEnum):
+    """Order of the images inside each corruption (``--dirichlet ALPHA`` for Dirichlet blocks)."""
+
+    shuffled = "shuffled"
+    correlated = "correlated"
+
+
 def parse_value(text: str) -> Any:
     """A ``--set`` value: JSON (numbers, true/false/null, lists like [0.9,0.999]) or a bare string.
 
@@ -89,6 +96,15 @@ def bench(
     protocol: Annotated[
         Protocol, typer.Option(help="continual: never reset; reset: reset the adapter before each corruption")
     ] = Protocol.continual,
+    order: Annotated[
+        StreamOrder,
+        typer.Option(help="shuffled: the data set's (i.i.d.) order; correlated: sorted by class per corruption"),
+    ] = StreamOrder.shuffled,
+    dirichlet: Annotated[
+        float | None,
+        typer.Option(metavar="ALPHA", help="class-correlated Dirichlet(ALPHA) blocks per corruption (NOTE), "
+                     "ALPHA > 0; 0.1 is strongly correlated"),
+    ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="images per adaptation step")] = 200,
     limit: Annotated[int | None, typer.Option(min=1, help="use the first N images of each corruption")] = None,
     seed: Annotated[int, typer.Option(min=0, help="corruption and torch seed")] = 0,
@@ -140,6 +156,8 @@ def bench(
     from benchmarks.data import cifar10c_dir as cifar10c_folder
 
     overrides = parse_set_options(set_ or [])
+    if dirichlet is not None and order != StreamOrder.shuffled:
+        raise typer.BadParameter("give --order or --dirichlet, not both", param_hint="--dirichlet")
     method_list = _split(methods) or ()
     if not method_list:
         raise typer.BadParameter("give at least one method", param_hint="--methods")
@@ -174,6 +192,8 @@ def bench(
         options=overrides,
         severity=severity,
         protocol=protocol.value,  # type: ignore[arg-type]
+        order="dirichlet" if dirichlet is not None else order.value,  # type: ignore[arg-type]
+        dirichlet_alpha=dirichlet,
         batch_size=batch_size,
         limit=limit,
         seed=seed,

@@ -122,8 +122,11 @@ def format_report(result: BenchResult) -> str:
     """Everything the CLI prints after the progress bar: a table per method, then the comparisons."""
     cfg = result.config
     source = cfg.get("source_clean_accuracy")
+    order = cfg.get("order", "shuffled")
+    if order == "dirichlet":
+        order = f"dirichlet {cfg.get('dirichlet_alpha')}"
     title = (
-        f"## {cfg['model']} · severity {cfg['severity']} · {cfg['protocol']} · batch {cfg['batch_size']} · "
+        f"## {cfg['model']} · severity {cfg['severity']} · {cfg['protocol']} · {order} · batch {cfg['batch_size']} · "
         f"{sum(cfg['samples_per_corruption'].values()):,} images per method · seed {cfg['seed']}"
     )
     if cfg.get("partial"):

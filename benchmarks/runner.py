@@ -27,6 +27,7 @@ from torch import nn
 import adapters
 from adapters.datasets import DataFileError, load_images, to_tensor
 from adapters.models import CIFAR_RESNETS, build_cifar_resnet
+from benchmarks.streams import ORDERS, Order, stream_order
 
 Protocol = Literal["continual", "reset"]
 PROTOCOLS: tuple[str, ...] = ("continual", "reset")
@@ -67,6 +68,10 @@ class BenchConfig:
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
     severity: int = 5
     protocol: Protocol = "continual"
+    #: Order of the images inside each corruption (see :mod:`benchmarks.streams`); ``dirichlet`` needs
+    #: ``dirichlet_alpha``. Reseeded with ``seed`` for every corruption, as the reference benchmark does.
+    order: Order = "shuffled"
+    dirichlet_alpha: float | None = None
     batch_size: int = 200
     limit: int | None = None
     seed: int = 0
@@ -137,17 +142,21 @@ def resolve_options(methods: Sequence[str], overrides: Mapping[str, Mapping[str,
 
 
 def resolve_corruptions(names: Sequence[str] | None) -> tuple[str, ...]:
-    """The requested corruptions in the spec order (the stream order), refusing unknown names."""
-    from adapters.corruptions import CORRUPTIONS
+    """The requested corruptions in the spec order (the stream order), refusing unknown names.
+
+    The validation corruptions (``VALIDATION_CORRUPTIONS``) run only when named, after the 15.
+    """
+    from adapters.corruptions import CORRUPTIONS, VALIDATION_CORRUPTIONS
 
     if names is None:
         return CORRUPTIONS
-    unknown = [n for n in names if n not in CORRUPTIONS]
+    known = (*CORRUPTIONS, *VALIDATION_CORRUPTIONS)
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise BenchError(f"unknown corruption(s) {unknown}; choose from {list(CORRUPTIONS)}", "--corruptions")
+        raise BenchError(f"unknown corruption(s) {unknown}; choose from {list(known)}", "--corruptions")
     if not names:
         raise BenchError("no corruption selected", "--corruptions")
-    return tuple(n for n in CORRUPTIONS if n in set(names))
+    return tuple(n for n in known if n in set(names))
 
 
 # --------------------------------------------------------------------------- data
@@ -230,6 +239,19 @@ def load_streams(
         n: (corrupt_dataset(x, n, config.severity, seed=config.seed, cache_dir=cache, progress=progress), y)
         for n in names
     }
+
+
+def order_streams(
+    streams: Mapping[str, tuple[np.ndarray, np.ndarray]], order: Order, seed: int, alpha: float | None
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Every corruption's images and labels in the requested order (each reseeded with ``seed``)."""
+    if order == "shuffled":
+        return dict(streams)
+    ordered = {}
+    for name, (x, y) in streams.items():
+        index = stream_order(y, order, seed, alpha)
+        ordered[name] = (x[index], y[index])
+    return ordered
 
 
 def batches(x: np.ndarray, y: np.ndarray, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -385,6 +407,10 @@ def run_benchmark(
         raise BenchError(f"severity must be 1-5, got {config.severity}", "--severity")
     if not config.methods:
         raise BenchError("no method selected", "--methods")
+    if config.order not in ORDERS:
+        raise BenchError(f"unknown stream order {config.order!r}; choose one of {list(ORDERS)}", "--order")
+    if config.order == "dirichlet" and not (config.dirichlet_alpha or 0) > 0:
+        raise BenchError(f"the dirichlet order needs alpha > 0, got {config.dirichlet_alpha}", "--dirichlet")
     options = resolve_options(config.methods, config.options)
     names = resolve_corruptions(config.corruptions)
     if config.cifar10c_dir is not None:
@@ -395,6 +421,7 @@ def run_benchmark(
     clean_x, clean_y = load_clean(config.clean_data)
     eval_clean = (clean_x[: config.limit], clean_y[: config.limit])
     streams = load_streams(config, names, (clean_x, clean_y), progress=progress)
+    streams = order_streams(streams, config.order, config.seed, config.dirichlet_alpha)
     cache = config.cache_dir or default_cache_dir()
 
     fisher = None
@@ -441,6 +468,8 @@ def run_benchmark(
             "corruption_seed": config.seed,
             "severity": config.severity,
             "protocol": config.protocol,
+            "order": config.order,
+            "dirichlet_alpha": config.dirichlet_alpha if config.order == "dirichlet" else None,
             "batch_size": config.batch_size,
             "limit": config.limit,
             "samples_per_corruption": {n: len(y) for n, (_, y) in streams.items()},

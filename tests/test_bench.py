@@ -139,6 +139,9 @@ def test_parse_set_values():
         (["--corruptions", "fog,rain"], "rain"),
         (["--protocol", "sometimes"], "sometimes"),
         (["--model", "resnet99"], "resnet99"),
+        (["--order", "sorted"], "sorted"),
+        (["--dirichlet", "0"], "--dirichlet"),
+        (["--order", "correlated", "--dirichlet", "0.1"], "not both"),
     ],
 )
 def test_bad_arguments_fail_clearly(args, expected, cifar10, resnet20_weights, tmp_path):
@@ -232,6 +235,23 @@ def test_five_block_file_matches_on_the_fly(cifar10, resnet20_weights, cache, tm
         _config(resnet20_weights, cache, cifar10c_dir=directory, cifar10c_severity_rows=rows, **options)
     )
     assert _numbers(on_the_fly) == _numbers(from_dir)
+
+
+# --------------------------------------------------------------------------- stream orders
+def test_correlated_orders_hurt_batch_statistics_but_not_the_frozen_model(cifar10, resnet20_weights, cache):
+    """Same images in another order: source scores the same, BN-adapt on one-class batches much worse."""
+    common = {"methods": ("source", "norm"), "corruptions": ("gaussian_noise",), "limit": 200, "batch_size": 50}
+    runs = {
+        order: runner.run_benchmark(_config(resnet20_weights, cache, order=order, dirichlet_alpha=alpha, **common))
+        for order, alpha in [("shuffled", None), ("correlated", None), ("dirichlet", 0.1)]
+    }
+    errors = {order: {run.method: run.mean_error for run in result.runs} for order, result in runs.items()}
+    assert errors["shuffled"]["source"] == errors["correlated"]["source"] == errors["dirichlet"]["source"]
+    assert errors["correlated"]["norm"] > errors["shuffled"]["norm"] + 20
+    assert errors["dirichlet"]["norm"] > errors["shuffled"]["norm"] + 5
+    assert runs["dirichlet"].config["order"] == "dirichlet" and runs["dirichlet"].config["dirichlet_alpha"] == 0.1
+    assert runs["correlated"].config["dirichlet_alpha"] is None
+    assert "correlated" in report.format_report(runs["correlated"])
 
 
 # --------------------------------------------------------------------------- reproducibility

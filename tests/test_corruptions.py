@@ -228,3 +228,31 @@ def test_frozen_resnet20_accuracy_near_reference(
     x, y = cifar10[0][:500], cifar10[1][:500]
     error = error_rate(resnet20, corrupt(x, name, 5, seed=0), y)
     assert abs(error - REFERENCE_ERROR[name]) <= 10.0, f"{name}: {error:.1f} % vs {REFERENCE_ERROR[name]} %"
+
+
+# --------------------------------------------------------------------------- validation corruptions
+def test_validation_corruptions_stay_out_of_the_reported_stream(images: np.ndarray) -> None:
+    """Defaults are chosen on these; the 15 reported corruptions never include them."""
+    assert not set(corruptions.VALIDATION_CORRUPTIONS) & set(CORRUPTIONS)
+    for name in corruptions.VALIDATION_CORRUPTIONS:
+        batch = corrupt(images, name, 5, seed=1)
+        assert batch.shape == images.shape and batch.dtype == np.uint8 and not np.array_equal(batch, images)
+        np.testing.assert_array_equal(batch[1], corrupt(images[1], name, 5, seed=(1, 1)))
+    assert not np.array_equal(corrupt(images, "speckle_noise", 5, seed=1), corrupt(images, "speckle_noise", 5, seed=2))
+
+
+def test_saturate_matches_an_hsv_round_trip(images: np.ndarray) -> None:
+    """The published saturate: RGB -> HSV, S = clip(S * 2.5 + 0.2, 0, 1), back (severity 5); gray included."""
+    x = images[:2].copy()
+    x[0, :4, :4] = 128  # gray pixels: hue 0, so they turn red
+    expected = np.empty(x.shape)
+    for index in np.ndindex(x.shape[:3]):
+        h, s, v = colorsys.rgb_to_hsv(*(x[index] / 255.0))
+        expected[index] = colorsys.hsv_to_rgb(h, min(max(s * 2.5 + 0.2, 0), 1), v)
+    expected = (np.clip(expected, 0, 1) * 255).astype(np.uint8)
+    assert np.abs(corrupt(x, "saturate", 5).astype(int) - expected).max() <= 1
+
+
+def test_gaussian_blur_is_the_published_filter(images: np.ndarray) -> None:
+    expected = ndimage.gaussian_filter(images / 255.0, (0, 1.0, 1.0, 0), mode="nearest", truncate=4.0)
+    np.testing.assert_array_equal(corrupt(images, "gaussian_blur", 5), (np.clip(expected, 0, 1) * 255).astype(np.uint8))

@@ -1,0 +1,232 @@
+"""Class-correlated traffic: robust BatchNorm statistics, the update gate and LAME (issue 16)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from helpers import images, small_bn_cnn
+
+import adapters
+from adapters.correlation import ClassMixMonitor, class_diversity
+from adapters.lame import affinity_matrix, lame, lame_energy
+from adapters.robust_norm import RobustBatchNorm
+from adapters.serialization import state_from_bytes, state_to_bytes
+
+
+def robust_layers(adapter: adapters.Adapter) -> list[RobustBatchNorm]:
+    return [m for m in adapter.model.modules() if isinstance(m, RobustBatchNorm)]
+
+
+# --------------------------------------------------------------------------- options
+@pytest.mark.parametrize(
+    ("method", "options", "named"),
+    [
+        ("norm", {"bn_stats": "median"}, "bn_stats"),
+        ("tent", {"bn_momentum": 0}, "bn_momentum"),
+        ("eata", {"bn_alpha": 1.5}, "bn_alpha"),
+        ("source", {"bn_stats": "ema"}, "bn_stats"),  # the frozen model has no batch statistics
+        ("tent", {"min_class_diversity": -1}, "min_class_diversity"),
+        ("tent", {"diversity_momentum": 1}, "diversity_momentum"),
+        ("norm", {"bn_min_class_diversity": 0.8}, "bn_min_class_diversity"),  # needs bn_stats='ema'
+        ("norm", {"min_class_diversity": 0.5}, "min_class_diversity"),  # norm never updates
+        ("source", {"lame": {"knn": 0}}, "lame.knn"),
+        ("eata", {"lame": {"affinity": "cosine"}}, "lame.affinity"),
+        ("norm", {"lame": {"gate": 0.5}}, "lame.gate"),
+    ],
+)
+def test_bad_robustness_options_are_named(method, options, named):
+    with pytest.raises(adapters.AdapterConfigError, match=named.replace(".", r"\.")):
+        adapters.create(method, small_bn_cnn(), **options)
+
+
+# --------------------------------------------------------------------------- robust statistics
+@pytest.mark.parametrize("mode", ["ema", "mix"])
+def test_robust_statistics_make_a_prediction_depend_less_on_its_batch_mates(mode):
+    """The same 8 images predicted beside 24 others and beside 24 brighter ones: with batch statistics
+    the answer moves with the company it keeps, with robust statistics far less."""
+    x, others = images(8, seed=1), images(24, seed=2)
+
+    def shift(bn_stats: str) -> float:
+        a = adapters.create("norm", small_bn_cnn(), bn_stats=bn_stats)
+        b = adapters.create("norm", small_bn_cnn(), bn_stats=bn_stats)
+        first = a.step(torch.cat([x, others])).logits[:8]
+        second = b.step(torch.cat([x, others * 0.2 + 0.8])).logits[:8]
+        return float((first.softmax(1) - second.softmax(1)).abs().sum(1).mean())
+
+    assert shift(mode) < 0.25 * shift("batch")
+
+
+def test_ema_statistics_move_by_the_momentum_from_the_source_and_reset_restores_them():
+    model = small_bn_cnn()
+    source_mean = model[1].running_mean.clone()
+    adapter = adapters.create("tent", model, bn_stats="ema", bn_momentum=0.1)
+    x = images(32)
+    with torch.no_grad():
+        batch_mean = model[0](x).mean((0, 2, 3))
+    adapter.predict(x)  # serving without an update moves nothing
+    assert torch.equal(robust_layers(adapter)[0].running_mean, source_mean)
+    adapter.step(x)
+    assert torch.allclose(robust_layers(adapter)[0].running_mean, 0.9 * source_mean + 0.1 * batch_mean, atol=1e-6)
+    adapter.reset()
+    assert all(torch.equal(m.running_mean, m.source_mean) for m in robust_layers(adapter))
+
+
+@pytest.mark.parametrize(("method", "options"), [("eata-c", {}), ("tent", {"backward": "selected"})])
+def test_one_step_moves_the_moving_average_once(method, options):
+    """EATA-C's sub-network forward and the re-forward of selected samples must not count twice."""
+    reference = adapters.create("norm", small_bn_cnn(), bn_stats="ema")
+    adapter = adapters.create(method, small_bn_cnn(), bn_stats="ema", **options)
+    x = images(32)
+    reference.step(x)
+    adapter.step(x)
+    for ours, theirs in zip(robust_layers(adapter)[:1], robust_layers(reference)[:1], strict=True):
+        assert torch.allclose(ours.running_mean, theirs.running_mean, atol=1e-6)
+
+
+def test_gated_moving_average_ignores_batches_that_look_correlated():
+    """After traffic of every class, a batch the model puts in one class leaves the statistics alone."""
+    gated = adapters.create("norm", small_bn_cnn(), bn_stats="ema", bn_min_class_diversity=0.5)
+    gated.class_mix.average = torch.full((10,), 0.1, dtype=torch.float64)
+    source_mean = robust_layers(gated)[0].running_mean.clone()
+    gated.step(images())
+    assert torch.equal(robust_layers(gated)[0].running_mean, source_mean)
+    ungated = adapters.create("norm", small_bn_cnn(), bn_stats="ema")
+    ungated.class_mix.average = torch.full((10,), 0.1, dtype=torch.float64)
+    ungated.step(images())
+    assert not torch.equal(robust_layers(ungated)[0].running_mean, source_mean)
+
+
+def test_robust_statistics_survive_a_state_round_trip():
+    first = adapters.create("eata", small_bn_cnn(), bn_stats="ema")
+    for seed in range(3):
+        first.step(images(seed=seed))
+    second = adapters.create("eata", small_bn_cnn(), bn_stats="ema")
+    second.load_state_dict(state_from_bytes(state_to_bytes(first.state_dict())))
+    x = images(seed=9)
+    assert torch.equal(first.step(x).logits, second.step(x).logits)
+
+
+def test_robust_adapters_keep_the_parameter_names_of_batch_mode():
+    """Fisher information and snapshots name parameters; robust layers must not rename them."""
+    assert set(adapters.create("eata", small_bn_cnn(), bn_stats="mix").params) == set(
+        adapters.create("eata", small_bn_cnn()).params
+    )
+
+
+# --------------------------------------------------------------------------- the update gate
+def _one_hot_logits(labels: list[int]) -> torch.Tensor:
+    return 5 * torch.nn.functional.one_hot(torch.tensor(labels), 10).float()
+
+
+def test_class_diversity_separates_one_class_batches_from_mixed_ones():
+    assert class_diversity(_one_hot_logits([3] * 64)) == 0.0
+    assert class_diversity(_one_hot_logits([i % 10 for i in range(64)])) > 0.99
+    assert class_diversity(_one_hot_logits([3])) == 1.0  # nothing to judge
+
+
+def test_batches_are_judged_against_the_recent_mix_of_classes():
+    """A model that sees only three classes on i.i.d. traffic (heavy noise) is not 'correlated'; a batch
+    of one class after traffic of ten is."""
+    few = ClassMixMonitor()
+    for _ in range(20):
+        score = few.observe(_one_hot_logits([0, 1, 2] * 21))
+    assert score > 0.95
+    many = ClassMixMonitor()
+    assert many.observe(_one_hot_logits([5] * 64)) == 1.0  # nothing to compare with yet
+    for _ in range(20):
+        many.observe(_one_hot_logits([i % 10 for i in range(64)]))
+    assert many.score(_one_hot_logits([i % 10 for i in range(64)])) > 0.95
+    assert many.observe(_one_hot_logits([4] * 60 + [7] * 4)) < 0.2
+    restored = ClassMixMonitor()
+    restored.load_state_dict(state_from_bytes(state_to_bytes(many.state_dict())))
+    assert torch.equal(restored.average, many.average)
+
+
+def test_correlated_batches_are_predicted_but_drive_no_update():
+    """After traffic of every class, a batch the (untrained) model puts in one class is not learned from."""
+    strict = adapters.create("tent", small_bn_cnn(), min_class_diversity=0.5)
+    strict.class_mix.average = torch.full((10,), 0.1, dtype=torch.float64)
+    assert class_diversity(strict.predict(images())) < 0.2
+    before = {k: v.clone() for k, v in strict.params.items()}
+    result = strict.step(images())
+    assert not result.updated and result.logits.shape == (32, 10)
+    assert all(torch.equal(before[k], v) for k, v in strict.params.items())
+    assert adapters.create("tent", small_bn_cnn(), min_class_diversity=0.0).step(images()).updated
+
+
+# --------------------------------------------------------------------------- LAME
+def _clusters(n: int = 20, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two tight feature clusters and noisy probabilities that favour the right class 60 % of the time."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 2
+    centres = torch.eye(8)[:2]
+    features = centres[labels] + 0.05 * torch.randn(n, 8, generator=g)
+    right = torch.rand(n, generator=g) < 0.6
+    favoured = torch.where(right, labels, 1 - labels)
+    probs = torch.full((n, 3), 0.1)
+    probs[torch.arange(n), favoured] = 0.8
+    return probs, features, labels
+
+
+def test_lame_gives_each_feature_cluster_its_majority_label():
+    probs, features, labels = _clusters()
+    assert (probs.argmax(1) == labels).float().mean() < 0.8
+    corrected = lame(probs, features)
+    assert torch.equal(corrected.argmax(1), labels)
+    assert torch.allclose(corrected.sum(1), torch.ones(len(labels)))
+
+
+def test_lame_energy_never_increases():
+    probs, features, _ = _clusters(seed=1)
+    unit = features / features.norm(dim=1, keepdim=True)
+    w, unary = affinity_matrix(unit), -(probs + 1e-10).log()
+    energies = [float(lame_energy(unary, w, lame(probs, features, max_steps=s), 1.0)) for s in range(1, 12)]
+    assert all(b <= a + 1e-5 for a, b in itertools.pairwise(energies))
+    assert energies[-1] < energies[0]
+
+
+def test_rbf_sigma_is_the_mean_kth_distance_counting_self():
+    """Points at 0, 1, 3 on a line (unit-normalised features are not needed by the kernel itself)."""
+    f = torch.tensor([[0.0], [1.0], [3.0]])
+    # Sorted rows with self: [0,1,3], [0,1,2], [0,2,3]; k=2 -> the 2nd smallest: 1, 1, 2 -> sigma 4/3.
+    w = affinity_matrix(f, "rbf", knn=2)
+    sigma = 4 / 3
+    assert torch.allclose(w[0, 2], torch.tensor(math.exp(-9 / (2 * sigma**2))))
+    assert torch.allclose(torch.diagonal(w), torch.ones(3))
+    knn = affinity_matrix(f, "knn", knn=1)
+    assert torch.equal(knn, torch.tensor([[0.0, 1, 0], [1, 0, 0], [0, 1, 0]]))  # asymmetric, no self
+
+
+def test_lame_is_safe_for_one_sample_and_for_copies():
+    probs, features, _ = _clusters()
+    assert torch.equal(lame(probs[:1], features[:1]), probs[:1])
+    copies = lame(probs[:1].repeat(6, 1), features[:1].repeat(6, 1))
+    assert torch.isfinite(copies).all()
+
+
+def _varied_mlp() -> torch.nn.Module:
+    """A BatchNorm MLP whose untrained predictions spread over several classes (a diverse batch)."""
+    torch.manual_seed(0)
+    layers = [torch.nn.Flatten(), torch.nn.Linear(192, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers, torch.nn.Linear(16, 10)).eval()
+
+
+def test_lame_on_an_adapter_returns_log_probabilities_and_the_gate_spares_diverse_batches():
+    x = images(32) - 0.5
+    plain = adapters.create("source", _varied_mlp()).step(x).logits
+    corrected = adapters.create("source", _varied_mlp(), lame={"enabled": True}).step(x).logits
+    assert torch.allclose(corrected.exp().sum(1), torch.ones(32), atol=1e-5)
+    assert not torch.allclose(corrected.softmax(1), plain.softmax(1), atol=1e-3)
+    assert class_diversity(plain) > 0.5
+    # The first batch is as diverse as the traffic so far (relative diversity 1): a gate below 1 spares it.
+    gated = adapters.create("source", _varied_mlp(), lame={"enabled": True, "max_class_diversity": 0.9})
+    assert torch.equal(gated.step(x).logits, plain)
+    # After traffic of every class, the same batch looks correlated and is corrected.
+    gated.class_mix.average = torch.full((10,), 0.1, dtype=torch.float64)
+    gated.class_mix.momentum = 0.99
+    assert gated.class_mix.score(plain) < 0.9
+    assert torch.allclose(gated.predict(x), corrected)
+    assert torch.allclose(gated.step(x).logits, corrected)
