@@ -24,6 +24,16 @@ MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 BUILTIN_ARCHITECTURES = ("digits", "resnet20", "resnet32", "resnet44", "resnet56")
 
 
+#: What ``correlated_traffic`` serves: robust BatchNorm statistics (a moving average from
+#: the source statistics, RoTTA's RBN), no update on a batch whose predicted classes look correlated, and
+#: LAME's output correction on such batches only. Thresholds chosen on the validation corruptions
+#: (docs/benchmarks.md, "Class-correlated streams"), never on the reported stream.
+CORRELATED_TRAFFIC: dict[str, dict[str, Any]] = {
+    "batch_statistics": {"bn_stats": "ema", "lame": {"enabled": True, "max_class_diversity": 0.7}},
+    "updates": {"min_class_diversity": 0.8},
+}
+
+
 class ModelConfig(BaseModel):
     """One served model: where it comes from, how inputs are prepared, and how it adapts."""
 
@@ -42,6 +52,12 @@ class ModelConfig(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict, description="method options (see adapters)")
     mode: Literal["sync", "async"] = Field(
         "sync", description="sync: answer from the forward pass that adapts; async: adapt off the request path"
+    )
+    correlated_traffic: bool = Field(
+        False, description="for class-correlated traffic (a camera seeing one kind of object at a time): serve "
+        "robust BatchNorm statistics, no update on batches that look correlated and LAME on such batches "
+        "(CORRELATED_TRAFFIC in service/settings.py; options set explicitly win). Off by default: on i.i.d. "
+        "shifts it costs 3-4 points on CIFAR-10-C and more on short drift segments (docs/benchmarks.md)"
     )
     fisher: Path | None = Field(None, description="a saved Fisher file for eata/eata-c")
     fisher_data: Path | None = Field(None, description="clean images to estimate Fisher: an npz (x uint8 "
@@ -154,11 +170,20 @@ class ModelConfig(BaseModel):
         return self.mode == "sync" and adapters.METHODS[self.method].updates_parameters
 
     def effective_options(self) -> dict[str, Any]:
-        """Method options with the service's collapse-guard default applied."""
+        """Method options with the service's defaults applied (options set in the config always win):
+        the collapse guard, and for ``correlated_traffic`` the options of :data:`CORRELATED_TRAFFIC`."""
         options = dict(self.options)
         method = adapters.METHODS.get(self.method)  # an unknown one is refused by the validator
-        if self.collapse_guard and method is not None and method.updates_parameters:
+        if method is None:
+            return options
+        if self.collapse_guard and method.updates_parameters:
             options.setdefault("guard", {"enabled": True})
+        if self.correlated_traffic and method.uses_batch_statistics:
+            for key, value in CORRELATED_TRAFFIC["batch_statistics"].items():
+                options.setdefault(key, value)
+            if method.updates_parameters:
+                for key, value in CORRELATED_TRAFFIC["updates"].items():
+                    options.setdefault(key, value)
         return options
 
 

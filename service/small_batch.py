@@ -36,7 +36,8 @@ class SmallBatchPredictor:
         self.frozen_fallbacks = 0  # images the source answered for lack of context
         self._context: deque[torch.Tensor] = deque(maxlen=max(config.context_size, 0))
         self.recent: RecentBatchStatistics | None = None
-        if config.recent_statistics and adapter.uses_batch_statistics:
+        self.robust = bool(getattr(adapter, "robust_layers", None))  # robust statistics need no batch-mates
+        if config.recent_statistics and adapter.uses_batch_statistics and not self.robust:
             self.recent = RecentBatchStatistics(adapter.model, config.min_adapt_batch)
         self._recent_graph_module: torch.nn.Module | None = None
         self._recent_graph_tried = False
@@ -58,6 +59,8 @@ class SmallBatchPredictor:
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for ``x`` by the policy above (only batch-statistics methods come here)."""
+        if self.robust:  # moving-average (or source-mixed) statistics: any batch size, a lone image too
+            return self.adapter.predict(x)
         n = x.shape[0]
         recent = self.recent
         if n >= self.config.min_adapt_batch:
@@ -88,7 +91,8 @@ class SmallBatchPredictor:
     def _traceable(self) -> bool:
         """Whether the adapter's answers are its model's output (not EATA-C's own forward or calibration)
         and tracing is on: then its no-gradient answers may come from traced graphs."""
-        return self.config.trace_source and self.adapter.traceable
+        return (self.config.trace_source and self.adapter.traceable and self.adapter.features is None
+                and not self.robust)  # LAME and robust statistics act in the adapter's own forward
 
     def _recent_graph(self) -> torch.nn.Module | None:
         """The adapted model normalising with the recent statistics as a traced graph (built once, on first

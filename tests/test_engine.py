@@ -19,8 +19,9 @@ CLASSES = [str(i) for i in range(10)]
 
 
 def make_engine(model=None, **overrides) -> ModelEngine:
+    # The papers' configuration unless a test asks otherwise: these tests pin the batch-statistics policy.
     fields = {"name": "m", "factory": "helpers:small_bn_cnn", "input_size": (8, 8), "method": "eata",
-              "max_delay_ms": 20.0} | overrides
+              "max_delay_ms": 20.0, "correlated_traffic": False} | overrides
     config = ModelConfig(**fields)
     loaded = LoadedModel(model or small_bn_cnn(), CLASSES, None)
     return ModelEngine(config, loaded, device=torch.device("cpu"))
@@ -337,3 +338,31 @@ def test_a_model_the_probe_finds_worse_than_its_source_is_reset(margin, resets):
     assert result["probe_forgetting_ratio"] < -0.05  # reported either way
     assert info["resets"] == resets
     assert (info["health"]["parameter_drift_ratio"] == 0.0) == bool(resets)  # back at the source weights
+
+
+def test_correlated_traffic_serves_robust_statistics_gates_and_lame_and_replicates_them():
+    """``correlated_traffic``: robust BatchNorm statistics (a lone image needs no batch-mates), the update
+    gate and LAME, explicit options winning; a follower loading the leader's state answers as it does."""
+    async def scenario():
+        leader = await started(make_engine(method="eata", correlated_traffic=True, options={"e0": 10.0}))
+        follower = await started(make_engine(method="eata", correlated_traffic=True, options={"e0": 10.0}))
+        for seed in range(4):
+            await leader.predict(images(16, seed=seed))  # adaptation steps move weights and statistics
+        lone = await leader.predict(images(1, seed=9))
+        follower.import_state(leader.export_state(), version=7)
+        x = images(16, seed=11)
+        a, b = leader.adapter.predict(x), follower.adapter.predict(x)
+        await leader.stop()
+        await follower.stop()
+        return leader, follower, lone, a, b
+
+    leader, follower, lone, a, b = run(scenario())
+    options = leader.adapter.options
+    assert options.bn_stats == "ema" and options.min_class_diversity == 0.8
+    assert options.lame.enabled and options.lame.max_class_diversity == 0.7 and options.e0 == 10.0
+    assert leader.small_batch.frozen_fallbacks == 0 and len(lone) == 1  # the robust statistics answered
+    assert leader.adapter.stats.updates > 0
+    torch.testing.assert_close(a, b)  # parameters and moving statistics came over
+    assert follower.adapter.stats.parameter_version == 7
+    plain = make_engine(method="eata").adapter.options
+    assert plain.bn_stats == "batch" and not plain.lame.enabled  # off by default
