@@ -80,7 +80,7 @@ async def run_cameras(base: str, model: str, cameras: list[Camera]) -> dict[str,
             if response.status_code != 200:
                 failures += 1
                 continue
-            predicted = parse_response(response).argmax(1)
+            predicted = parse_response(response)[0].argmax(1)
             correct[index, k] += int((predicted == labels).sum())
             seen[index, k] += len(labels)
 
