@@ -45,11 +45,13 @@ DIVERSITY_MIN_BATCH = 4
 DIVERSITY_BATCHES = 64
 
 
-def class_diversity(batch_labels: list[int], window: Counter[int], window_size: int) -> float:
+def distinct_class_ratio(batch_labels: list[int], window: Counter[int], window_size: int) -> float:
     """Distinct predicted classes in a batch over the number expected if its images were drawn
     independently from the recent traffic's class mix: about 1 for shuffled traffic at any batch size,
     about 1/k when each batch holds one of k equally likely classes (a camera that sees one kind of
-    object at a time). Label-free: it reads predictions only."""
+    object at a time). Label-free: it reads predictions only. Not the adapters' relative class diversity
+    (``adapters.correlation``, an entropy ratio that gates updates and LAME per batch): this count separates
+    one-class batches more sharply (about 0.1 against 0.5-0.7), which an alert needs."""
     n = len(batch_labels)
     expected = sum(1.0 - (1.0 - count / window_size) ** n for count in window.values())
     return len(set(batch_labels)) / max(expected, 1.0)
@@ -57,7 +59,7 @@ def class_diversity(batch_labels: list[int], window: Counter[int], window_size: 
 
 class PredictionWindow:
     """The last ``size`` served predictions (label, confidence), and how class-correlated the recent
-    batches are (:func:`class_diversity`, averaged over the last ``DIVERSITY_BATCHES``); thread-safe."""
+    batches are (:func:`distinct_class_ratio`, averaged over the last ``DIVERSITY_BATCHES``); thread-safe."""
 
     def __init__(self, size: int) -> None:
         self._recent: deque[tuple[int, float]] = deque(maxlen=size)
@@ -76,7 +78,7 @@ class PredictionWindow:
                 self._counts[pair[0]] += 1
             if len(batch) >= DIVERSITY_MIN_BATCH:
                 window = +self._counts  # drops classes whose count fell to zero
-                self._diversity.append(class_diversity(batch, window, len(self._recent)))
+                self._diversity.append(distinct_class_ratio(batch, window, len(self._recent)))
 
     def clear(self) -> None:
         with self._lock:
@@ -92,14 +94,14 @@ class PredictionWindow:
             diversity = sum(self._diversity) / len(self._diversity) if self._diversity else None
         if not recent:
             return {"prediction_window_samples": 0, "predicted_class_entropy_nats": None,
-                    "mean_confidence_ratio": None, "batch_class_diversity_ratio": None}
+                    "mean_confidence_ratio": None, "batch_distinct_classes_ratio": None}
         n = len(recent)
         class_entropy = -sum(c / n * math.log(c / n) for c in counts.values())
         return {
             "prediction_window_samples": n,
             "predicted_class_entropy_nats": max(class_entropy, 0.0),
             "mean_confidence_ratio": sum(conf for _, conf in recent) / n,
-            "batch_class_diversity_ratio": diversity,
+            "batch_distinct_classes_ratio": diversity,
         }
 
 

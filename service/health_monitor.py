@@ -45,7 +45,7 @@ class HealthSnapshot:
     prediction_window_samples: int
     predicted_class_entropy_nats: float | None
     mean_confidence_ratio: float | None
-    batch_class_diversity_ratio: float | None
+    batch_distinct_classes_ratio: float | None
     parameter_drift_ratio: float
     parameter_version: int
     source_agreement_up: bool | None

@@ -170,7 +170,7 @@ _HEALTH_GAUGES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("predicted_class_entropy_nats", "entropy of the predicted-class distribution over the recent-prediction "
      "window (ln C: balanced; near 0: one class, collapse)", MODEL_METHOD),
     ("mean_confidence_ratio", "mean max-softmax confidence over the recent-prediction window", MODEL_METHOD),
-    ("batch_class_diversity_ratio", "distinct predicted classes per served batch over the number expected for "
+    ("batch_distinct_classes_ratio", "distinct predicted classes per served batch over the number expected for "
      "shuffled traffic with the same class mix, mean of recent batches (about 1: shuffled; about 1/k: each batch "
      "holds one of k classes, i.e. class-correlated traffic)", MODEL_METHOD),
     ("prediction_window_samples", "served predictions in the recent-prediction window", MODEL_METHOD),

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from service.health import PredictionWindow, class_diversity
+from service.health import PredictionWindow, distinct_class_ratio
 
 
 def _served(batches: list[np.ndarray]) -> float | None:
     window = PredictionWindow(1000)
     for labels in batches:
         window.add(torch.from_numpy(labels), torch.full((len(labels),), 0.9))
-    return window.summary()["batch_class_diversity_ratio"]
+    return window.summary()["batch_distinct_classes_ratio"]
 
 
 @pytest.mark.parametrize("batch", [8, 16, 64])
@@ -39,5 +39,5 @@ def test_small_batches_are_left_out_and_an_empty_window_reports_nothing():
 
 def test_the_expectation_is_that_of_independent_draws_from_the_window():
     window = Counter({0: 50, 1: 50})  # two equally likely classes, 4 draws: 2 * (1 - 0.5**4) = 1.875 expected
-    assert class_diversity([0, 1, 0, 1], window, 100) == pytest.approx(2 / 1.875)
-    assert class_diversity([0, 0, 0, 0], window, 100) == pytest.approx(1 / 1.875)
+    assert distinct_class_ratio([0, 1, 0, 1], window, 100) == pytest.approx(2 / 1.875)
+    assert distinct_class_ratio([0, 0, 0, 0], window, 100) == pytest.approx(1 / 1.875)
