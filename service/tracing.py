@@ -24,9 +24,16 @@ except ImportError:  # the otel extra is not installed: tracing is off
 TRACER_NAME = "tta-serve"
 
 
+def enabled() -> bool:
+    """Whether spans go anywhere: OpenTelemetry installed *and* a tracer provider configured. Until the
+    operator configures one the API's proxy provider records nothing, so every call here returns at once
+    instead of building spans nobody reads (the request path is measured in microseconds)."""
+    return trace is not None and not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+
+
 def current_context() -> Any:
-    """The caller's trace context, to hand to work done later on another thread (None without OpenTelemetry)."""
-    return otel_context.get_current() if otel_context is not None else None
+    """The caller's trace context, to hand to work done later on another thread (None when tracing is off)."""
+    return otel_context.get_current() if enabled() else None
 
 
 @contextmanager
@@ -34,7 +41,7 @@ def span(name: str, attributes: dict[str, Any] | None = None, parent: Any = None
          linked: Sequence[Any] = ()) -> Iterator[Any]:
     """A span around the block: a child of ``parent`` (a context from :func:`current_context`), else of the
     current span; ``linked`` contexts become links (the other requests of a batch)."""
-    if trace is None:
+    if not enabled():
         yield None
         return
     links = [trace.Link(trace.get_current_span(c).get_span_context()) for c in linked if c is not None]
@@ -46,7 +53,7 @@ def span(name: str, attributes: dict[str, Any] | None = None, parent: Any = None
 def record_span(name: str, parent: Any, start_ns: int, end_ns: int | None = None,
                 attributes: dict[str, Any] | None = None) -> None:
     """A span that already happened (a wait in the queue), from ``start_ns`` (``time.time_ns()``) to now."""
-    if trace is None:
+    if not enabled():
         return
     tracer = trace.get_tracer(TRACER_NAME)
     done = tracer.start_span(name, context=parent, start_time=start_ns, attributes=attributes)
