@@ -89,11 +89,13 @@ class ModelRepository:
     async def unload(self, name: str, snapshot: str | None = None) -> SnapshotInfo | None:
         """Stop serving ``name``; with ``snapshot``, keep its adapted state under that name first."""
         async with self._lock(name):
-            engine = self.registry.remove(name)  # new requests get 404 from here on
+            engine = self.registry.get(name)
+            # The snapshot first, while the model still serves: if saving fails, nothing has changed.
+            saved = await engine.save_snapshot(snapshot) if snapshot is not None else None
+            self.registry.remove(name)  # new requests get 404 from here on
             self._busy[name] = "UNLOADING"
             try:
-                saved = await engine.save_snapshot(snapshot) if snapshot is not None else None
-                await engine.stop()
+                await engine.stop()  # answers what it queued first
             finally:
                 self._busy.pop(name, None)
             self._reasons[name] = "unloaded"
