@@ -36,14 +36,19 @@ from service.preprocess import (
     images_to_tensor,
 )
 from service.settings import Settings
+from service.v2_protocol import (
+    EXTENSIONS,
+    INPUT_NAME,
+    OUTPUT_NAME,
+    PLATFORM,
+    VERSION,
+    check_encoded_images,
+    check_one_input,
+    check_output,
+)
 
 log = logging.getLogger(__name__)
 
-PLATFORM = "tta-serve-pytorch"
-VERSION = "1"
-INPUT_NAME = "images"
-OUTPUT_NAME = "probabilities"
-EXTENSIONS = ["binary_tensor_data", "classification"]
 
 
 class _Refused(Exception):
@@ -125,20 +130,13 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
 
     async def _images(self, engine: ModelEngine, request: Any) -> Any:
         """The request's one input as the engine's float NCHW batch (encoded images decoded off the loop)."""
-        if len(request.inputs) != 1:
-            names = [i.name for i in request.inputs]
-            raise InvalidInput(f"expected exactly one input tensor ({INPUT_NAME!r}), got {len(names)}: {names}")
+        check_one_input([i.name for i in request.inputs])
         tensor = request.inputs[0]
         shape = list(tensor.shape)
         raw = request.raw_input_contents[0] if request.raw_input_contents else None
         if tensor.datatype == BYTES:
             blobs = bytes_elements(raw) if raw is not None else list(tensor.contents.bytes_contents)
-            if len(shape) not in (1, 2) or shape[0] != len(blobs) or (len(shape) == 2 and shape[1] != 1):
-                raise InvalidInput(f"BYTES input {tensor.name!r} must have shape [N] or [N, 1] with N encoded "
-                                   f"images, got shape {shape} and {len(blobs)} elements")
-            if not 0 < len(blobs) <= engine.config.max_images_per_request:
-                raise InvalidInput(f"{len(blobs)} images in one request; the limit is "
-                                   f"{engine.config.max_images_per_request}")
+            check_encoded_images(tensor.name, shape, len(blobs), engine.config.max_images_per_request)
             names = [f"{tensor.name}[{i}]" for i in range(len(blobs))]
             return await asyncio.to_thread(images_to_tensor, blobs, engine.config.input_size,
                                            self.settings.max_image_pixels, names)
@@ -160,13 +158,8 @@ def _requested_outputs(request: Any) -> list[tuple[str, int | None]]:
         return [(OUTPUT_NAME, None)]
     result = []
     for out in request.outputs:
-        if out.name != OUTPUT_NAME:
-            raise InvalidInput(f"unknown output {out.name!r}; this model has [{OUTPUT_NAME!r}]")
         top = out.parameters["classification"].int64_param if "classification" in out.parameters else None
-        if top is not None and top < 1:
-            raise InvalidInput(f"output {out.name!r}: parameters.classification must be a positive integer "
-                               f"(the number of classes to return), got {top!r}")
-        result.append((out.name, top))
+        result.append((out.name, check_output(out.name, top)))
     return result
 
 

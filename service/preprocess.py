@@ -64,6 +64,14 @@ def images_to_tensor(blobs: list[bytes], size: tuple[int, int], max_pixels: int,
     return uint8_nhwc_to_tensor(pixels)
 
 
+def check_count(count: int, limit: int) -> None:
+    """A request holds at least one image and at most ``limit``."""
+    if count == 0:
+        raise InvalidInput("no images in the request")
+    if count > limit:
+        raise InvalidInput(f"{count} images in one request; the limit is {limit}")
+
+
 def decode_base64(text: str, what: str = "image") -> bytes:
     """Standard base64 (a ``data:image/...;base64,`` prefix is allowed) -> bytes."""
     if text.startswith("data:"):

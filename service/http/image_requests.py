@@ -13,7 +13,7 @@ from starlette.datastructures import UploadFile
 from service.errors import InvalidInput
 from service.http.errors import ApiError, bad_request_from
 from service.predictions import DEFAULT_TOP_K
-from service.preprocess import decode_base64
+from service.preprocess import check_count, decode_base64
 
 
 class PredictJSON(BaseModel):
@@ -33,13 +33,6 @@ def image_request_body(top_k: bool = True) -> dict:
 
 
 PREDICT_BODY = image_request_body()
-
-
-def check_count(count: int, limit: int) -> None:
-    if count == 0:
-        raise InvalidInput("no images in the request")
-    if count > limit:
-        raise InvalidInput(f"{count} images in one request; the limit is {limit}")
 
 
 async def read_images(request: Request, limit: int) -> tuple[list[bytes], list[str], int]:

@@ -22,8 +22,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.engine import EngineRegistry
 from service.errors import InvalidInput, UnknownModel
 from service.http.errors import ApiError, internal_error_response
-from service.http.routes_v2 import HEADER_LENGTH, VERSION, run_inference
+from service.http.routes_v2 import HEADER_LENGTH, run_inference
 from service.metrics import ServiceMetrics
+from service.v2_protocol import VERSION
 
 _INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
 _ROUTES = ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer")  # the routes' templates

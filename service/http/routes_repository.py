@@ -17,9 +17,9 @@ from service.http.auth import require_admin
 from service.http.errors import ApiError
 from service.repository import ModelRepository
 from service.settings import ModelConfig, format_validation_error
+from service.v2_protocol import VERSION
 
 router = APIRouter(prefix="/v2/repository", tags=["v2: model repository"])
-VERSION = "1"
 
 
 async def get_repository(request: Request) -> ModelRepository:

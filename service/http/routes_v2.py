@@ -22,7 +22,6 @@ from starlette.concurrency import run_in_threadpool
 from service.engine import EngineRegistry, ModelEngine, Prediction
 from service.http.dependencies import AppSettings, Engine, ReadyEngine
 from service.http.errors import ApiError, BodyTooLarge, bad_request_from
-from service.http.image_requests import check_count
 from service.predictions import classification_strings, probability_matrix
 from service.preprocess import (
     BYTES,
@@ -38,16 +37,21 @@ from service.preprocess import (
 )
 from service.settings import Settings
 from service.tracing import span
+from service.v2_protocol import (
+    EXTENSIONS,
+    INPUT_NAME,
+    OUTPUT_NAME,
+    PLATFORM,
+    VERSION,
+    check_encoded_images,
+    check_one_input,
+    check_output,
+)
 
 if TYPE_CHECKING:  # the route hands tensors over; it never computes on them
     import torch
 
-PLATFORM = "tta-serve-pytorch"
-VERSION = "1"
-INPUT_NAME = "images"
-OUTPUT_NAME = "probabilities"
 HEADER_LENGTH = "Inference-Header-Content-Length"
-SERVER_EXTENSIONS = ["binary_tensor_data", "classification"]
 
 router = APIRouter(tags=["v2: Open Inference Protocol"])
 
@@ -139,7 +143,7 @@ def openapi_schemas() -> dict[str, Any]:
 # ------------------------------------------------------------------------------------ health and metadata
 @router.get("/v2", response_model=ServerMetadata, summary="Server metadata")
 async def server_metadata(request: Request) -> ServerMetadata:
-    return ServerMetadata(name="tta-serve", version=request.app.version, extensions=SERVER_EXTENSIONS)
+    return ServerMetadata(name="tta-serve", version=request.app.version, extensions=EXTENSIONS)
 
 
 @router.get("/v2/health/live", summary="Liveness: 200 while the process serves")
@@ -301,9 +305,7 @@ def split_binary_body(body: bytes, header_length: str | None) -> tuple[bytes, me
 
 def input_tensor(req: InferRequest, binary: memoryview, input_shape: tuple[int, int, int]) -> torch.Tensor:
     """The request's one input tensor as the engine's float NCHW batch; 400 naming any problem."""
-    if len(req.inputs) != 1:
-        names = [i.name for i in req.inputs]
-        raise ApiError(400, f"expected exactly one input tensor ({INPUT_NAME!r}), got {len(names)}: {names}")
+    check_one_input([i.name for i in req.inputs])
     tensor = req.inputs[0]
     check_tensor_header(tensor.datatype, tensor.shape, input_shape)
     binary_size = (tensor.parameters or {}).get("binary_data_size")
@@ -326,9 +328,6 @@ def input_tensor(req: InferRequest, binary: memoryview, input_shape: tuple[int, 
 
 def encoded_images(tensor: InferInput, binary: memoryview, limit: int) -> tuple[list[bytes], list[str]]:
     """The encoded image files of a BYTES input (binary, or base64 strings in JSON) and a name for each."""
-    if len(tensor.shape) not in (1, 2) or (len(tensor.shape) == 2 and tensor.shape[1] != 1):
-        raise ApiError(400, f"BYTES input {tensor.name!r} must have shape [N] or [N, 1] (one encoded image "
-                       f"each), got {tensor.shape}")
     binary_size = (tensor.parameters or {}).get("binary_data_size")
     if binary_size is not None:
         if binary_size != len(binary):
@@ -342,10 +341,7 @@ def encoded_images(tensor: InferInput, binary: memoryview, limit: int) -> tuple[
         blobs = [decode_base64(item, f"{tensor.name}[{i}]") for i, item in enumerate(flat)]
     else:
         raise ApiError(400, f"input {tensor.name!r} has neither 'data' nor parameters.binary_data_size")
-    if len(blobs) != tensor.shape[0]:
-        raise ApiError(400, f"BYTES input {tensor.name!r} declares shape {tensor.shape} but holds {len(blobs)} "
-                       "elements")
-    check_count(len(blobs), limit)
+    check_encoded_images(tensor.name, tensor.shape, len(blobs), limit)
     return blobs, [f"{tensor.name}[{i}]" for i in range(len(blobs))]
 
 
@@ -365,13 +361,8 @@ def requested_outputs(req: InferRequest) -> list[Output]:
         return [Output(OUTPUT_NAME, default_binary)]
     result = []
     for out in req.outputs:
-        if out.name != OUTPUT_NAME:
-            raise ApiError(400, f"unknown output {out.name!r}; this model has [{OUTPUT_NAME!r}]")
         parameters = out.parameters or {}
-        top = parameters.get("classification")
-        if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 1):
-            raise ApiError(400, f"output {out.name!r}: parameters.classification must be a positive integer "
-                           f"(the number of classes to return), got {top!r}")
+        top = check_output(out.name, parameters.get("classification"))
         result.append(Output(out.name, bool(parameters.get("binary_data", default_binary)), top))
     return result
 
