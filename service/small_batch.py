@@ -36,7 +36,7 @@ class SmallBatchPredictor:
         self.frozen_fallbacks = 0  # images the source answered for lack of context
         self._context: deque[torch.Tensor] = deque(maxlen=max(config.context_size, 0))
         self.recent: RecentBatchStatistics | None = None
-        self.robust = bool(getattr(adapter, "robust_layers", None))  # robust statistics need no batch-mates
+        self.robust = bool(adapter.robust_layers)  # robust statistics need no batch-mates
         if config.recent_statistics and adapter.uses_batch_statistics and not self.robust:
             self.recent = RecentBatchStatistics(adapter.model, config.min_adapt_batch)
         self._recent_graph_module: torch.nn.Module | None = None
