@@ -22,6 +22,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import importlib.util
 import json
 import re
 import shutil
@@ -502,7 +503,7 @@ def _requirement_closure(requirements: list[str]) -> set[str]:
 # ====================================================================== Kustomize rendering
 POD_OWNERS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"}
 #: Custom resources the Kubernetes API schemas do not describe (their operators' CRDs do).
-CUSTOM_KINDS = {"ServiceMonitor", "ScaledObject"}
+CUSTOM_KINDS = {"ServiceMonitor", "ScaledObject", "ServingRuntime", "InferenceService"}
 KUBERNETES_VERSION = "1.32.0"
 
 
@@ -682,6 +683,7 @@ def test_every_manifest_parses_and_is_used() -> None:
         used.add(kfile)
         used |= {(kfile.parent / r).resolve() for r in spec.get("resources", [])}
         used |= {(kfile.parent / p["path"]).resolve() for p in spec.get("patches", []) if "path" in p}
+        used |= {(kfile.parent / c).resolve() for c in spec.get("configurations", [])}
         used |= {(kfile.parent / f.rpartition("=")[2]).resolve()
                  for g in spec.get("configMapGenerator", []) for f in g.get("files", [])}
     files = sorted(K8S.rglob("*.yaml")) + sorted(K8S.rglob("*.yml"))
@@ -995,18 +997,230 @@ def test_deploy_doc_commands_match_the_files() -> None:
 
 
 def test_keda_scales_the_followers_on_a_metric_the_server_exports() -> None:
-    from service.health_monitor import HealthSnapshot
-    from service.metrics import ServiceMetrics
-
     docs = render_kustomization(K8S / "overlays" / "keda")
     (scaled,) = [d for d in docs if d["kind"] == "ScaledObject"]
     assert scaled["spec"]["scaleTargetRef"]["name"] == "tta-serve-follower"
     deployments = {d["metadata"]["name"] for d in docs if d["kind"] == "Deployment"}
     assert scaled["spec"]["scaleTargetRef"]["name"] in deployments
-    counters_and_histograms = {m.name for m in ServiceMetrics().registry.collect()}
-    gauges_read_at_scrape = {f"tta_{field.name}" for field in dataclasses.fields(HealthSnapshot)}
-    exported = counters_and_histograms | gauges_read_at_scrape
     for trigger in scaled["spec"]["triggers"]:
         names = set(re.findall(r"tta_[a-z_]+", trigger["metadata"]["query"]))
-        assert names and names <= exported, names - exported
+        assert names and names <= exported_metrics(), names - exported_metrics()
 
+
+def exported_metrics() -> set[str]:
+    """Every metric name /metrics exports: counters and histograms, and the gauges read at scrape time."""
+    from service.health_monitor import HealthSnapshot
+    from service.metrics import ServiceMetrics
+
+    counters_and_histograms = {m.name for m in ServiceMetrics().registry.collect()}
+    return counters_and_histograms | {f"tta_{field.name}" for field in dataclasses.fields(HealthSnapshot)}
+
+
+
+# ====================================================================== KServe (deploy/k8s/overlays/kserve)
+KSERVE = K8S / "overlays" / "kserve"
+#: The fields KServe adds to the model's container (ModelSpec); the rest of it is a Kubernetes Container.
+KSERVE_MODEL_FIELDS = {"modelFormat", "runtime", "runtimeVersion", "protocolVersion", "storageUri", "storage"}
+
+
+@functools.cache
+def check_crds() -> Any:
+    """deploy/k8s/check_crds.py, the strict offline validator of custom resources (a script, not a package)."""
+    spec = importlib.util.spec_from_file_location("check_crds", K8S / "check_crds.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@functools.cache
+def kserve_docs() -> tuple[dict[str, Any], ...]:
+    return tuple(render_kustomization(KSERVE))
+
+
+def kserve_objects() -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """(the ServingRuntime, InferenceServices by role) of the rendered KServe overlay, as fresh copies."""
+    docs = copy.deepcopy(list(kserve_docs()))
+    (runtime,) = [d for d in docs if d["kind"] == "ServingRuntime"]
+    services = {d["metadata"]["labels"]["app.kubernetes.io/component"]: d
+                for d in docs if d["kind"] == "InferenceService"}
+    assert set(services) == {"leader", "follower"}
+    return runtime, services
+
+
+def kserve_kubernetes_problems(runtime: dict[str, Any], services: list[dict[str, Any]]) -> list[str]:
+    """The Kubernetes parts of KServe's resources against the strict Kubernetes schemas: the runtime's
+    containers, volumes and tolerations, each predictor's volumes and its model container (less KServe's own
+    fields), and every object's metadata. KServe's own fields need its CRDs: ``check_crds.py --crd``."""
+    checker = check_crds()
+    found: list[str] = []
+    parts = [(runtime["metadata"], "objectmeta-meta-v1", "ServingRuntime metadata")]
+    parts += [(c, "container-v1", f"ServingRuntime container {c.get('name')}") for c in runtime["spec"]["containers"]]
+    parts += [(v, "volume-v1", "ServingRuntime volume") for v in runtime["spec"].get("volumes", [])]
+    parts += [(t, "toleration-v1", "ServingRuntime toleration") for t in runtime["spec"].get("tolerations", [])]
+    for isvc in services:
+        where = f"InferenceService {isvc['metadata']['name']}"
+        predictor = isvc["spec"]["predictor"]
+        model = {k: v for k, v in predictor["model"].items() if k not in KSERVE_MODEL_FIELDS}
+        parts += [(isvc["metadata"], "objectmeta-meta-v1", f"{where} metadata"),
+                  ({"name": "kserve-container", **model}, "container-v1", f"{where} model container")]
+        parts += [(v, "volume-v1", f"{where} volume") for v in predictor.get("volumes", [])]
+    for value, type_file, where in parts:
+        found += [f"{where}: {problem}" for problem in checker.kubernetes_type_problems(value, type_file)]
+    return found
+
+
+def effective_container(runtime: dict[str, Any], isvc: dict[str, Any]) -> dict[str, Any]:
+    """The container KServe runs: the runtime's, with the model spec's env and volume mounts merged in
+    (by name and by mount path, as KServe's strategic merge does)."""
+    container = copy.deepcopy(runtime["spec"]["containers"][0])
+    model = isvc["spec"]["predictor"]["model"]
+    env = {e["name"]: e for e in container.get("env", [])} | {e["name"]: e for e in model.get("env", [])}
+    mounts = {m["mountPath"]: m for m in container.get("volumeMounts", [])}
+    mounts |= {m["mountPath"]: m for m in model.get("volumeMounts", [])}
+    container["env"], container["volumeMounts"] = list(env.values()), list(mounts.values())
+    return container
+
+
+def test_kserve_overlay_renders_and_validates() -> None:
+    docs = list(kserve_docs())
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    assert {("ServingRuntime", "tta-serve"), ("InferenceService", "tta-serve-leader"),
+            ("InferenceService", "tta-serve-follower"), ("Service", "tta-serve"), ("Service", "tta-serve-redis"),
+            ("NetworkPolicy", "tta-serve-redis"), ("Secret", "tta-serve-admin")} <= kinds
+    assert not {k for k in kinds if k[0] in ("HorizontalPodAutoscaler", "ScaledObject")}, "KServe makes the scaler"
+    assert [n for k, n in kinds if k == "Deployment"] == ["tta-serve-redis"], "KServe makes the server Deployments"
+    assert schema_problems(docs) == []
+    runtime, services = kserve_objects()
+    assert kserve_kubernetes_problems(runtime, list(services.values())) == []
+
+
+def test_kserve_kubernetes_parts_are_checked_strictly() -> None:
+    runtime, services = kserve_objects()
+    runtime["spec"]["containers"][0]["readinessProbe"]["httpGet"]["prot"] = 8000
+    services["leader"]["spec"]["predictor"]["model"]["env"][0]["valu"] = "x"
+    services["follower"]["spec"]["predictor"]["volumes"][0]["configMap"]["name"] = 7
+    problems = kserve_kubernetes_problems(runtime, list(services.values()))
+    assert len(problems) == 3 and all(any(w in p for p in problems) for w in ("'prot'", "'valu'", "7")), problems
+
+
+def test_crd_checker_is_strict_where_the_api_server_is(tmp_path: Path) -> None:
+    """check_crds.py on a small CRD: unknown fields, wrong types and enum values fail; int-or-string and
+    preserve-unknown-fields pass, as on an API server with strict field validation."""
+    crd = """
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: widgets.example.com}
+spec:
+  group: example.com
+  names: {kind: Widget, plural: widgets}
+  scope: Namespaced
+  versions:
+    - name: v1
+      served: true
+      storage: true
+      schema:
+        openAPIV3Schema:
+          type: object
+          properties:
+            apiVersion: {type: string}
+            kind: {type: string}
+            metadata: {type: object}
+            spec:
+              type: object
+              required: [size]
+              properties:
+                size: {type: integer}
+                mode: {type: string, enum: [a, b]}
+                port: {anyOf: [{type: integer}, {type: string}], x-kubernetes-int-or-string: true}
+                extra: {type: object, x-kubernetes-preserve-unknown-fields: true}
+"""
+    path = tmp_path / "crd.yaml"
+    path.write_text(crd)
+    checker = check_crds()
+    schemas = checker.crd_schemas([path])
+
+    def widget(**spec: Any) -> dict[str, Any]:
+        return {"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}, "spec": spec}
+
+    assert checker.problems(widget(size=1, mode="a", port="http", extra={"anything": [1]}), schemas) == []
+    assert checker.problems(widget(size=1, port=8000), schemas) == []
+    for bad, named in ((widget(size=1, colour="red"), "colour"), (widget(size="big"), "big"),
+                       (widget(size=1, mode="c"), "'c'"), (widget(mode="a"), "size"),
+                       ({**widget(size=1), "metadata": {"name": "w", "lables": {}}}, "lables")):
+        found = checker.problems(bad, schemas)
+        assert found and any(named in p for p in found), (bad, found)
+    assert checker.problems({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}}, schemas) is None
+
+
+def test_kserve_runtime_runs_what_the_deployments_run() -> None:
+    """The KServe pods get the base Deployments' container: image, ports, probes, resources, env,
+    mounts and security settings (pod-level ones at container level: a ServingRuntime has no pod
+    securityContext), with the role's TTA_CONFIG from each InferenceService."""
+    runtime, services = kserve_objects()
+    base = {d["metadata"]["name"]: d for d in render_kustomization(K8S_BASE) if d["kind"] == "Deployment"}
+    for role, isvc in services.items():
+        deployment = base[f"tta-serve-{role}"]
+        (expected,) = deployment["spec"]["template"]["spec"]["containers"]
+        actual = effective_container(runtime, isvc)
+        probes = ("startupProbe", "livenessProbe", "readinessProbe")
+        for key in ("image", "imagePullPolicy", "ports", "resources", *probes):
+            assert actual[key] == expected[key], f"{role}: {key} differs from the base Deployment's"
+        assert sorted(actual["env"], key=lambda e: e["name"]) == sorted(expected["env"], key=lambda e: e["name"])
+        assert sorted(actual["volumeMounts"], key=lambda m: m["mountPath"]) == sorted(
+            expected["volumeMounts"], key=lambda m: m["mountPath"])
+        pod_security = deployment["spec"]["template"]["spec"]["securityContext"]
+        assert actual["securityContext"] == expected["securityContext"] | pod_security
+        predictor = isvc["spec"]["predictor"]
+        volumes = {v["name"]: v for v in [*runtime["spec"].get("volumes", []), *predictor.get("volumes", [])]}
+        assert volumes == {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+        assert runtime["spec"]["tolerations"] == deployment["spec"]["template"]["spec"]["tolerations"]
+        assert predictor["labels"] == pod_labels(deployment)
+        assert predictor["annotations"] == deployment["spec"]["template"]["metadata"]["annotations"]
+
+
+def test_kserve_inference_services_use_the_runtime_as_leader_and_followers() -> None:
+    runtime, services = kserve_objects()
+    spec = runtime["spec"]
+    assert spec["protocolVersions"] == ["v2"] and spec["multiModel"] is False
+    assert served(spec["annotations"]["prometheus.kserve.io/path"])
+    assert int(spec["annotations"]["prometheus.kserve.io/port"]) == _container_port(spec["containers"][0], "http")
+    formats = {f["name"] for f in spec["supportedModelFormats"]}
+    for role, isvc in services.items():
+        notes = isvc["metadata"]["annotations"]
+        assert notes["serving.kserve.io/deploymentMode"] == "Standard", "a plain Deployment: no scale to zero"
+        model = isvc["spec"]["predictor"]["model"]
+        assert model["runtime"] == runtime["metadata"]["name"] and model["modelFormat"]["name"] in formats
+        assert model["protocolVersion"] == "v2"
+        # The role's configuration: mounted from the generated ConfigMap, valid, with this role.
+        (config,) = [e["value"] for e in model["env"] if e["name"] == "TTA_CONFIG"]
+        volume = next(v for v in isvc["spec"]["predictor"]["volumes"] if v["name"] == "config")
+        configmap = next(d for d in kserve_docs() if d["kind"] == "ConfigMap")
+        assert volume["configMap"]["name"] == configmap["metadata"]["name"], "the generated name (hash suffix)"
+        assert PurePosixPath(config).name in configmap["data"]
+        models = yaml.safe_load(configmap["data"][PurePosixPath(config).name])["models"]
+        assert {m["role"] for m in models} == {role}
+    leader = services["leader"]["spec"]["predictor"]
+    assert leader["minReplicas"] == leader["maxReplicas"] == 1 and leader["deploymentStrategy"]["type"] == "Recreate"
+    follower = services["follower"]
+    assert follower["metadata"]["annotations"]["serving.kserve.io/autoscalerClass"] == "keda"
+    predictor = follower["spec"]["predictor"]
+    assert predictor["minReplicas"] >= 1 and predictor["maxReplicas"] > predictor["minReplicas"]
+    assert predictor["deploymentStrategy"]["rollingUpdate"]["maxSurge"] == 0, "a surge pod would need a spare GPU"
+    for metric in predictor["autoScaling"]["metrics"]:
+        assert metric["type"] == "External" and metric["external"]["metric"]["backend"] == "prometheus"
+        names = set(re.findall(r"tta_[a-z_]+", metric["external"]["metric"]["query"]))
+        assert names and names <= exported_metrics(), names - exported_metrics()
+
+
+def test_kserve_service_reaches_leader_and_followers_and_redis_admits_them() -> None:
+    runtime, services = kserve_objects()
+    docs = list(kserve_docs())
+    service = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "tta-serve")
+    policy = next(d for d in docs if d["kind"] == "NetworkPolicy")
+    (admitted,) = [f["podSelector"]["matchLabels"] for r in policy["spec"]["ingress"] for f in r["from"]]
+    for isvc in services.values():
+        labels = isvc["spec"]["predictor"]["labels"]
+        assert _selects(service["spec"]["selector"], labels) and _selects(admitted, labels)
+    for port in service["spec"]["ports"]:
+        assert _container_port(runtime["spec"]["containers"][0], port["targetPort"]) == port["port"]
