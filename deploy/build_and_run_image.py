@@ -145,7 +145,7 @@ def make_base(work: Path, mirror: str | None) -> None:
     rootfs = work / "rootfs"
     if rootfs.exists():
         shutil.rmtree(rootfs)
-    mirror = mirror or debian_mirror()
+    mirror, previous = mirror or debian_mirror(), image_id(BASE_IMAGE)
     run(["debootstrap", "--variant=minbase", f"--include={BASE_PACKAGES}", SUITE, str(rootfs), mirror])
     for deb in (rootfs / "var/cache/apt/archives").glob("*.deb"):
         deb.unlink()
@@ -163,6 +163,8 @@ def make_base(work: Path, mirror: str | None) -> None:
     finally:
         buildah("rm", container, check=False)
     shutil.rmtree(rootfs)
+    if previous and previous != image_id(BASE_IMAGE):
+        buildah("rmi", previous, check=False)  # refused while an image built on it remains: fine
 
 
 # ---------------------------------------------------------------------- 3. torch
@@ -203,12 +205,30 @@ def serve_directory(directory: Path) -> Iterator[str]:
 
 
 # ---------------------------------------------------------------------- 4. the build
+def containers() -> set[str]:
+    return set(buildah("containers", "--quiet", "--notruncate").stdout.split())
+
+
+def image_id(name: str) -> str | None:
+    found = buildah("inspect", "--type", "image", "--format", "{{.FromImageID}}", name, check=False)
+    return found.stdout.strip() or None if found.returncode == 0 else None
+
+
 def build(torch_index_url: str | None) -> None:
+    """``buildah bud`` of the Dockerfile; then remove what the build left in the store: the stages'
+    working containers (buildah 1.28 keeps some) and the previous build of ``IMAGE``, now untagged."""
     args = ["--build-arg", "VARIANT=cpu", "--build-arg", f"CPU_BASE_IMAGE={BASE_IMAGE}"]
     if torch_index_url:
         args += ["--build-arg", f"TORCH_INDEX={torch_index_url}"]
-    buildah("bud", "--format", "docker", "--isolation", "chroot", "--pull=never", *args,
-            "-f", str(DOCKERFILE), "-t", IMAGE, str(ROOT), capture=False)
+    before, previous = containers(), image_id(IMAGE)
+    try:
+        buildah("bud", "--format", "docker", "--isolation", "chroot", "--pull=never", *args,
+                "-f", str(DOCKERFILE), "-t", IMAGE, str(ROOT), capture=False)
+    finally:
+        for container in sorted(containers() - before):
+            buildah("rm", container, check=False)
+    if previous and previous != image_id(IMAGE):
+        buildah("rmi", previous, check=False)
 
 
 # ---------------------------------------------------------------------- 5. the run
