@@ -25,12 +25,13 @@ from adapters.configure import (
     require_norm_layers,
     use_batch_statistics,
 )
-from adapters.correlation import ClassMixMonitor
+from adapters.correlation import ClassMixMonitor, CorrelationSwitch, SwitchOptions
 from adapters.guard import MANUAL, CollapseGuard, CollapseGuardOptions
 from adapters.lame import LameOptions, PenultimateFeatures, lame
 from adapters.prob_cache import InProcessProbabilityCache, ProbabilityCache
 from adapters.robust_norm import (
     StatisticsMode,
+    blended,
     commit,
     load_statistics_state,
     recording,
@@ -39,6 +40,9 @@ from adapters.robust_norm import (
 )
 
 ENTROPY_EMA_MOMENTUM = 0.9
+#: ``bn_stats='auto'``: batches smaller than this normalise with the moving average even while traffic looks
+#: i.i.d. (too few images to estimate a layer's statistics).
+AUTO_MIN_BATCH = 16
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -74,19 +78,26 @@ class BatchStatisticsOptions(AdapterOptions):
     ``bn_min_class_diversity`` (``ema`` only) leaves the moving average alone on a batch that looks
     class-correlated (relative class diversity below it), so the average follows the domain, not the
     classes, and may move faster (a larger ``bn_momentum``).
+
+    ``auto`` keeps ``ema``'s moving average and switches per stream (:class:`CorrelationSwitch`,
+    ``bn_switch``): batch statistics while the traffic looks i.i.d., the moving average while it looks
+    class-correlated. The gates (``min_class_diversity``, ``lame``) act only while it looks correlated.
     """
 
-    bn_stats: StatisticsMode = Field("batch", description="BatchNorm statistics: 'batch', 'ema' (RBN) or 'mix'")
+    bn_stats: StatisticsMode = Field(
+        "batch", description="BatchNorm statistics: 'batch', 'ema' (RBN), 'mix' (alpha-BN) or 'auto'"
+    )
     bn_momentum: float = Field(0.05, gt=0, le=1, description="'ema': weight of each batch in the moving average")
     bn_alpha: float = Field(0.1, gt=0, le=1, description="'mix': weight of the batch against the source")
     bn_min_class_diversity: float | None = Field(
         None, ge=0, description="'ema': do not record batches whose relative class diversity is below this"
     )
+    bn_switch: SwitchOptions = Field(default_factory=SwitchOptions, description="'auto': when traffic is correlated")
 
     @model_validator(mode="after")
     def _gate_needs_ema(self) -> BatchStatisticsOptions:
-        if self.bn_min_class_diversity is not None and self.bn_stats != "ema":
-            raise ValueError("bn_min_class_diversity gates the moving average of bn_stats='ema' only")
+        if self.bn_min_class_diversity is not None and self.bn_stats not in ("ema", "auto"):
+            raise ValueError("bn_min_class_diversity gates the moving average of bn_stats='ema' or 'auto' only")
         return self
 
 
@@ -187,7 +198,7 @@ class Adapter:
             self.robust_layers = use_robust_statistics(
                 self.model,
                 options.bn_stats,  # type: ignore[attr-defined]
-                options.bn_momentum if options.bn_stats == "ema" else options.bn_alpha,  # type: ignore[attr-defined]
+                options.bn_alpha if options.bn_stats == "mix" else options.bn_momentum,  # type: ignore[attr-defined]
             )
             self.params = adaptable_parameters(self.model)
         else:
@@ -197,10 +208,12 @@ class Adapter:
         self.device = model_device(self.model)
         self.features = PenultimateFeatures(self.model) if options.lame.enabled else None
         self.class_mix = ClassMixMonitor(options.diversity_momentum)
+        auto = getattr(options, "bn_stats", "batch") == "auto"
+        self.switch = CorrelationSwitch(options.bn_switch) if auto else None  # type: ignore[attr-defined]
         # Only a configured gate reads the class mix: without one, no histogram (and no host sync) per step.
         gates = (options.lame.max_class_diversity, getattr(options, "min_class_diversity", None),
                  getattr(options, "bn_min_class_diversity", None))
-        self.watches_class_mix = any(g is not None for g in gates)
+        self.watches_class_mix = self.switch is not None or any(g is not None for g in gates)
         self.num_classes = num_classes
         self.prob_cache: ProbabilityCache = prob_cache or InProcessProbabilityCache()
         self.source_params = {name: p.detach().clone() for name, p in self.params.items()}
@@ -242,10 +255,39 @@ class Adapter:
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Logits with the current weights, no update and no counters (async serving, evaluation)."""
         x = x.to(self.device)
+        gated = self._choose_statistics(x.shape[0])
         with torch.no_grad(), self._capturing_features():
             logits = self.forward(x)
-            diversity = self.class_mix.score(logits) if self.watches_class_mix else 1.0
-            return self.correct_output(self.calibrate(x, logits), diversity)
+            diversity = self.class_mix.score(logits) if self.watches_class_mix and gated else 1.0
+            return self.correct_output(self.calibrate(x, logits), diversity, gated)
+
+    def _choose_statistics(self, n: int) -> bool:
+        """``bn_stats='auto'``: set what this pass normalises with; returns whether the class-mix gates act
+        (always True without the switch). A batch too small to estimate statistics uses the average."""
+        if self.switch is None:
+            return True
+        blend = 1.0 if not self.switch.correlated and n >= AUTO_MIN_BATCH else self.options.bn_momentum  # type: ignore[attr-defined]
+        for layer in self.robust_layers:
+            layer.blend = blend
+        return self.switch.correlated
+
+    def _judge_traffic(self, x: torch.Tensor, served: torch.Tensor, gated: bool) -> float:
+        """The batch's relative class diversity, from predictions made with the moving average: the served
+        ones when they were (correlated mode), else a no-gradient re-prediction of ``probe_images`` of
+        the batch. Feeds the switch; returns the score the gates use."""
+        switch = self.switch
+        if switch is None:
+            return self.class_mix.observe(served) if self.watches_class_mix else 1.0
+        if gated or x.shape[0] < AUTO_MIN_BATCH:
+            diversity = self.class_mix.observe(served)
+        elif not switch.probe_due():
+            return 1.0
+        else:
+            with torch.no_grad(), blended(self.robust_layers, 0.0):
+                probe = self.model(x[: switch.options.probe_images])
+            diversity = self.class_mix.observe(probe)
+        switch.observe(diversity)
+        return diversity if gated else 1.0
 
     def step(self, x: torch.Tensor, on_prediction: PredictionCallback | None = None) -> StepResult:
         """Predict ``x`` and, for adapting methods, take one update step on it.
@@ -256,17 +298,18 @@ class Adapter:
         """
         x = x.to(self.device)
         grad_forward = self.updates_parameters and self.options.backward == "full"  # type: ignore[attr-defined]
+        gated = self._choose_statistics(x.shape[0])
         with torch.set_grad_enabled(grad_forward), recording(self.robust_layers), self._capturing_features():
             logits = self.forward(x)
         if self.num_classes is None:
             self.num_classes = logits.shape[1]
         detached = logits.detach()
         ent = entropy(detached)
-        diversity = self.class_mix.observe(detached) if self.watches_class_mix else 1.0
+        diversity = self._judge_traffic(x, detached, gated)
         bn_gate = getattr(self.options, "bn_min_class_diversity", None)
         commit(self.robust_layers, keep=bn_gate is None or diversity >= bn_gate)
         reliable, selected = self.select(detached, ent)
-        returned = self.correct_output(self.calibrate(x, detached), diversity)
+        returned = self.correct_output(self.calibrate(x, detached), diversity, gated)
         if on_prediction is not None:
             on_prediction(returned, ent, reliable, selected)
         loss_value: float | None = None
@@ -299,15 +342,16 @@ class Adapter:
     def _capturing_features(self) -> Any:
         return self.features.capture() if self.features is not None else nullcontext()
 
-    def correct_output(self, logits: torch.Tensor, diversity: float) -> torch.Tensor:
-        """LAME on the batch's returned logits, if enabled and the gate lets this batch through.
+    def correct_output(self, logits: torch.Tensor, diversity: float, gated: bool = True) -> torch.Tensor:
+        """LAME on the batch's returned logits, if enabled, ``gated`` (``bn_stats='auto'``: the traffic
+        looks correlated) and the gate lets this batch through.
 
         LAME yields probabilities; their log is returned as logits (softmax gives them back), so
         confidence and entropy computed downstream are those of the corrected probabilities.
         """
         opts = self.options.lame
         features = self.features.take() if self.features is not None else None
-        if features is None or logits.shape[0] < 2:
+        if features is None or logits.shape[0] < 2 or not gated:
             return logits
         if opts.max_class_diversity is not None and diversity > opts.max_class_diversity:
             return logits
@@ -381,6 +425,8 @@ class Adapter:
         self.guard.reset()
         self.stats.entropy_ema = None
         self.class_mix.reset()
+        if self.switch is not None:
+            self.switch.reset()
         for layer in self.robust_layers:
             layer.reset()
         self.stats.parameter_version += 1
@@ -436,9 +482,26 @@ class Adapter:
             "guard": self.guard.state_dict(),
             "stats": asdict(self.stats),
             "extra": self.extra_state(),
+            **self.traffic_state(),
+        }
+
+    def traffic_state(self) -> dict[str, Any]:
+        """What the adapter learnt about the traffic rather than the weights: the robust BatchNorm moving
+        averages, the class-mix average and the correlation switch. A follower serving a leader's
+        weights needs it too, or it would normalise and gate differently from its leader."""
+        return {
             "norm_statistics": statistics_state(self.robust_layers),
             "class_mix": self.class_mix.state_dict(),
+            "switch": self.switch.state_dict() if self.switch is not None else None,
         }
+
+    def load_traffic_state(self, state: dict[str, Any]) -> None:
+        """Load :meth:`traffic_state` (missing parts leave the current state; robust statistics must match)."""
+        if self.robust_layers and state.get("norm_statistics") is not None:
+            load_statistics_state(self.robust_layers, state["norm_statistics"])
+        self.class_mix.load_state_dict(state.get("class_mix") or {})
+        if self.switch is not None:
+            self.switch.load_state_dict(state.get("switch") or {})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from :meth:`state_dict`; refuses a state of another method or model."""
@@ -457,9 +520,7 @@ class Adapter:
         stats["resets"] = dict(stats.get("resets", {}))
         self.stats = AdapterStats(**stats)
         self.load_extra_state(state.get("extra", {}))
-        self.class_mix.load_state_dict(state.get("class_mix", {}))
-        if self.robust_layers and "norm_statistics" in state:
-            load_statistics_state(self.robust_layers, state["norm_statistics"])
+        self.load_traffic_state(state)
 
     def extra_state(self) -> dict[str, Any]:
         return {}

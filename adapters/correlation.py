@@ -15,6 +15,7 @@ import math
 from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 def _entropy(p: torch.Tensor) -> float:
@@ -81,3 +82,69 @@ class ClassMixMonitor:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         average = state.get("average")
         self.average = None if average is None else average.clone().double()
+
+
+class SwitchOptions(BaseModel):
+    """When ``bn_stats='auto'`` judges the traffic class-correlated, and back (see :class:`CorrelationSwitch`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enter: float = Field(0.8, ge=0, le=1, description="smoothed class diversity below which traffic is correlated")
+    leave: float = Field(0.9, ge=0, le=1, description="smoothed class diversity above which it is i.i.d. again")
+    smoothing: float = Field(0.8, ge=0, lt=1, description="weight of the old smoothed score per batch")
+    probe_images: int = Field(
+        64, ge=2, description="while i.i.d.: images of a batch re-predicted with the moving average to judge it"
+    )
+    probe_every: int = Field(1, ge=1, description="while i.i.d.: re-predict every this many batches")
+
+    @model_validator(mode="after")
+    def _hysteresis(self) -> SwitchOptions:
+        if self.leave < self.enter:
+            raise ValueError(f"leave ({self.leave}) must not be below enter ({self.enter})")
+        return self
+
+
+class CorrelationSwitch:
+    """Decides per stream, not per batch, whether traffic is class-correlated.
+
+    Why per stream: a camera that sends one kind of object at a time does so for long stretches, and a
+    server that serves i.i.d. traffic keeps doing so; only the mode's changes need detecting. The score
+    is the relative class diversity (:class:`ClassMixMonitor`) of predictions made with the *moving
+    average* statistics, never of batch-statistics predictions: a one-class batch normalised with its
+    own statistics loses its class signal and its predictions look diverse, so judging those would keep
+    the switch on the failing side. The score is smoothed over batches, and the two thresholds
+    (``enter`` < ``leave``) keep a single odd batch from flipping the mode.
+    """
+
+    def __init__(self, options: SwitchOptions) -> None:
+        self.options = options
+        self.smoothed = 1.0
+        self.correlated = False
+        self.switches = 0
+        self._batches = 0
+
+    def probe_due(self) -> bool:
+        """While i.i.d.: whether this batch is one to re-predict (every ``probe_every``-th)."""
+        self._batches += 1
+        return self._batches % self.options.probe_every == 0
+
+    def observe(self, diversity: float) -> bool:
+        """Add one batch's relative class diversity; returns whether traffic is now judged correlated."""
+        opts = self.options
+        self.smoothed = opts.smoothing * self.smoothed + (1 - opts.smoothing) * diversity
+        now = self.smoothed < opts.enter if not self.correlated else self.smoothed <= opts.leave
+        if now != self.correlated:
+            self.switches += 1
+        self.correlated = now
+        return now
+
+    def reset(self) -> None:
+        self.smoothed, self.correlated = 1.0, False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"smoothed": self.smoothed, "correlated": self.correlated, "switches": self.switches}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.smoothed = float(state.get("smoothed", 1.0))
+        self.correlated = bool(state.get("correlated", False))
+        self.switches = int(state.get("switches", 0))

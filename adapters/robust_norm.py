@@ -10,6 +10,10 @@ fixes from the literature, neither with an extra forward pass:
   class shifts it by little; a new corruption is followed within ~1/momentum batches.
 * ``mix`` (alpha-BN): normalise with ``(1 - alpha) * source + alpha * batch``; no state, so it never
   follows a domain fully, but never drifts either.
+* ``auto``: ``ema``'s moving average is kept, but what a batch is normalised with is switched by
+  :class:`adapters.correlation.CorrelationSwitch`: the batch's own statistics (the papers) while the
+  traffic looks i.i.d., the moving average while it looks class-correlated. Each layer's ``blend`` (the
+  batch's weight in the normalisation) is set per step; ``momentum`` (its weight in the average) is not.
 
 Layers are replaced by :class:`RobustBatchNorm`, which keeps the original affine parameters (the same
 ``Parameter`` objects, so names, optimiser and Fisher information are unchanged). Gradients flow
@@ -24,10 +28,11 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from adapters.configure import BATCH_NORMS
 
-StatisticsMode = Literal["batch", "ema", "mix"]
+StatisticsMode = Literal["batch", "ema", "mix", "auto"]
 
 
 class RobustBatchNorm(nn.BatchNorm2d):
@@ -39,7 +44,7 @@ class RobustBatchNorm(nn.BatchNorm2d):
     """
 
     def __init__(self, layer: nn.modules.batchnorm._BatchNorm, mode: StatisticsMode, momentum: float) -> None:
-        if mode not in ("ema", "mix"):
+        if mode not in ("ema", "mix"):  # 'auto' layers are 'ema' layers whose blend is switched
             raise ValueError(f"unknown robust statistics mode {mode!r}")
         super().__init__(layer.num_features, eps=layer.eps, affine=layer.affine, track_running_stats=True,
                          device=layer.running_mean.device if layer.running_mean is not None else None)
@@ -53,7 +58,11 @@ class RobustBatchNorm(nn.BatchNorm2d):
         self.source_mean = self.running_mean.clone()
         self.source_var = self.running_var.clone()
         self.mode = mode
+        #: Weight of the batch in the statistics a forward normalises with (``ema``/``mix``: the momentum
+        #: or alpha; ``auto`` sets it per step).
         self.blend = momentum
+        #: Weight of the batch in the moving average (``ema``; 0 for ``mix``, which keeps no average).
+        self.momentum = momentum
         #: The next forward in batch mode computes the moving average's next value (``ema`` only) into
         #: ``pending``, then this turns off; :func:`commit` stores it, or the adapter drops it.
         self.armed = False
@@ -66,15 +75,23 @@ class RobustBatchNorm(nn.BatchNorm2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
+        if self.training and self.blend >= 1.0:
+            return self._batch_forward(x)
         if self.training:
             dims = [0, *range(2, x.dim())]
             # alpha-BN mixes the unbiased batch variance, RBN the biased one (as in their references).
-            batch_var = x.var(dims, correction=1 if self.mode == "mix" else 0)
-            batch_mean = x.mean(dims)
+            batch_var, batch_mean = torch.var_mean(x, dims, correction=1 if self.mode == "mix" else 0)
             mean = (1 - self.blend) * self.running_mean + self.blend * batch_mean
             var = (1 - self.blend) * self.running_var + self.blend * batch_var
-            if self.mode == "ema" and self.armed:
-                self.pending = (mean.detach(), var.detach())
+            if self.mode != "mix" and self.armed:
+                if self.momentum != self.blend:
+                    mean = (1 - self.momentum) * self.running_mean + self.momentum * batch_mean.detach()
+                    var = (1 - self.momentum) * self.running_var + self.momentum * batch_var.detach()
+                    self.pending = (mean, var)
+                    mean = (1 - self.blend) * self.running_mean + self.blend * batch_mean
+                    var = (1 - self.blend) * self.running_var + self.blend * batch_var
+                else:
+                    self.pending = (mean.detach(), var.detach())
                 self.armed = False
         else:
             mean, var = self.running_mean, self.running_var
@@ -85,6 +102,18 @@ class RobustBatchNorm(nn.BatchNorm2d):
             shift = shift * self.weight + self.bias
         shape = (1, -1, *([1] * (x.dim() - 2)))
         return x * scale.view(shape) + shift.view(shape)
+
+    def _batch_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The papers' normalisation (the batch alone) through the native kernel; when armed, the kernel
+        also computes the moving average's next value into copies (its variance is the unbiased one,
+        n/(n-1) with n = images x pixels: no measurable difference)."""
+        if not self.armed or self.mode == "mix":
+            return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        mean, var = self.running_mean.clone(), self.running_var.clone()
+        out = F.batch_norm(x, mean, var, self.weight, self.bias, True, self.momentum, self.eps)
+        self.pending = (mean, var)
+        self.armed = False
+        return out
 
     def reset(self) -> None:
         with torch.no_grad():
@@ -98,6 +127,8 @@ def use_robust_statistics(model: nn.Module, mode: StatisticsMode, momentum: floa
     """Replace every BatchNorm of ``model`` (in place) by a :class:`RobustBatchNorm`; none for ``batch``."""
     if mode == "batch":
         return []
+    if mode == "auto":
+        mode = "ema"
     layers: list[RobustBatchNorm] = []
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -145,3 +176,16 @@ def load_statistics_state(layers: list[RobustBatchNorm], state: list[tuple[torch
         for layer, (mean, var) in zip(layers, state, strict=True):
             layer.running_mean.copy_(mean)
             layer.running_var.copy_(var)
+
+
+@contextmanager
+def blended(layers: list[RobustBatchNorm], blend: float) -> Iterator[None]:
+    """Inside, every layer normalises with ``blend`` of the batch (1: the batch alone, 0: the average)."""
+    before = [layer.blend for layer in layers]
+    for layer in layers:
+        layer.blend = blend
+    try:
+        yield
+    finally:
+        for layer, value in zip(layers, before, strict=True):
+            layer.blend = value

@@ -34,7 +34,6 @@ import numpy as np
 import torch
 
 import adapters
-from adapters.robust_norm import load_statistics_state, statistics_state
 from service import batching
 from service.batching import PendingRequest
 from service.errors import InvalidInput, SnapshotNotFound, StoreUnavailable, UnknownModel
@@ -381,10 +380,7 @@ class ModelEngine:
             "model_hash": adapter.source_hash,
             "params": adapter.adapted_parameters(),
             "optimizer": adapter.optimizer.state_dict() if adapter.optimizer else None,
-            # Robust BatchNorm statistics and the class-mix average are adapted state too: without them a
-            # follower would normalise and gate differently from its leader.
-            "norm_statistics": statistics_state(adapter.robust_layers),
-            "class_mix": adapter.class_mix.state_dict(),
+            **adapter.traffic_state(),
         }
 
     def import_state(self, state: dict[str, Any], version: int) -> None:
@@ -396,8 +392,7 @@ class ModelEngine:
         try:
             adapter.load_adapted_parameters(state["params"])
             adapter.load_optimizer_state(state.get("optimizer"))
-            load_statistics_state(adapter.robust_layers, state.get("norm_statistics") or [])
-            adapter.class_mix.load_state_dict(state.get("class_mix") or {})
+            adapter.load_traffic_state(state)
         except (KeyError, ValueError, TypeError, RuntimeError) as exc:
             raise StateRefused(f"cannot load: {exc}") from exc
         self.adopt_version(version)

@@ -24,14 +24,24 @@ MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 BUILTIN_ARCHITECTURES = ("digits", "resnet20", "resnet32", "resnet44", "resnet56")
 
 
-#: What ``correlated_traffic`` serves: robust BatchNorm statistics (a moving average from
-#: the source statistics, RoTTA's RBN), no update on a batch whose predicted classes look correlated, and
-#: LAME's output correction on such batches only. Thresholds chosen on the validation corruptions
-#: (docs/benchmarks.md, "Class-correlated streams"), never on the reported stream.
-CORRELATED_TRAFFIC: dict[str, dict[str, Any]] = {
-    "batch_statistics": {"bn_stats": "ema", "lame": {"enabled": True, "max_class_diversity": 0.7}},
-    "updates": {"min_class_diversity": 0.8},
+#: What ``correlated_traffic`` serves, per value. ``always``: robust BatchNorm statistics (a moving average
+#: from the source statistics, RoTTA's RBN), no update on a batch whose predicted classes look correlated,
+#: and LAME's output correction on such batches only. ``auto`` (the default): the papers' batch statistics
+#: while the traffic looks i.i.d. and all of ``always`` while it looks class-correlated, switched per
+#: stream (:class:`adapters.correlation.CorrelationSwitch`). ``never``: the papers. Thresholds chosen on the
+#: validation corruptions (docs/benchmarks.md, "Class-correlated streams"), never on the reported stream.
+CORRELATED_TRAFFIC: dict[str, dict[str, dict[str, Any]]] = {
+    "always": {
+        "batch_statistics": {"bn_stats": "ema", "lame": {"enabled": True, "max_class_diversity": 0.7}},
+        "updates": {"min_class_diversity": 0.8},
+    },
+    "auto": {
+        "batch_statistics": {"bn_stats": "auto", "lame": {"enabled": True, "max_class_diversity": 0.7}},
+        "updates": {"min_class_diversity": 0.8},
+    },
+    "never": {"batch_statistics": {}, "updates": {}},
 }
+CorrelatedTraffic = Literal["auto", "always", "never"]
 
 
 class ModelConfig(BaseModel):
@@ -53,12 +63,19 @@ class ModelConfig(BaseModel):
     mode: Literal["sync", "async"] = Field(
         "sync", description="sync: answer from the forward pass that adapts; async: adapt off the request path"
     )
-    correlated_traffic: bool = Field(
-        False, description="for class-correlated traffic (a camera seeing one kind of object at a time): serve "
-        "robust BatchNorm statistics, no update on batches that look correlated and LAME on such batches "
-        "(CORRELATED_TRAFFIC in service/settings.py; options set explicitly win). Off by default: on i.i.d. "
-        "shifts it costs 3-4 points on CIFAR-10-C and more on short drift segments (docs/benchmarks.md)"
+    correlated_traffic: CorrelatedTraffic = Field(
+        "auto", description="class-correlated traffic (a camera seeing one kind of object at a time): 'auto' "
+        "serves the papers' batch statistics while traffic looks i.i.d. and switches to robust BatchNorm "
+        "statistics, no update on batches that look correlated and LAME on such batches while it looks "
+        "correlated; 'always' serves the latter throughout; 'never' the papers (CORRELATED_TRAFFIC in "
+        "service/settings.py; options set explicitly win; true/false mean always/never)"
     )
+    @field_validator("correlated_traffic", mode="before")
+    @classmethod
+    def _correlated_traffic_bool(cls, value: Any) -> Any:
+        """``true``/``false`` (the setting's first form) mean ``always``/``never``."""
+        return {True: "always", False: "never"}.get(value, value) if isinstance(value, bool) else value
+
     fisher: Path | None = Field(None, description="a saved Fisher file for eata/eata-c")
     fisher_data: Path | None = Field(None, description="clean images to estimate Fisher: an npz (x uint8 "
                                        "NxHxWx3, y), cifar-10-python.tar.gz or its cifar-10-batches-py/ folder")
@@ -178,11 +195,12 @@ class ModelConfig(BaseModel):
             return options
         if self.collapse_guard and method.updates_parameters:
             options.setdefault("guard", {"enabled": True})
-        if self.correlated_traffic and method.uses_batch_statistics:
-            for key, value in CORRELATED_TRAFFIC["batch_statistics"].items():
+        preset = CORRELATED_TRAFFIC[self.correlated_traffic]
+        if method.uses_batch_statistics:
+            for key, value in preset["batch_statistics"].items():
                 options.setdefault(key, value)
             if method.updates_parameters:
-                for key, value in CORRELATED_TRAFFIC["updates"].items():
+                for key, value in preset["updates"].items():
                     options.setdefault(key, value)
         return options
 

@@ -10,7 +10,7 @@ import torch
 from helpers import images, small_bn_cnn
 
 import adapters
-from adapters.correlation import ClassMixMonitor, class_diversity
+from adapters.correlation import ClassMixMonitor, CorrelationSwitch, SwitchOptions, class_diversity
 from adapters.lame import affinity_matrix, lame, lame_energy
 from adapters.robust_norm import RobustBatchNorm
 from adapters.serialization import state_from_bytes, state_to_bytes
@@ -230,3 +230,72 @@ def test_lame_on_an_adapter_returns_log_probabilities_and_the_gate_spares_divers
     assert gated.class_mix.score(plain) < 0.9
     assert torch.allclose(gated.predict(x), corrected)
     assert torch.allclose(gated.step(x).logits, corrected)
+
+
+# --------------------------------------------------------------------------- bn_stats='auto'
+def test_the_switch_needs_a_sustained_drop_to_enter_and_a_sustained_rise_to_leave():
+    switch = CorrelationSwitch(SwitchOptions(enter=0.8, leave=0.9, smoothing=0.5))
+    assert not switch.observe(0.7)  # one odd batch: smoothed 0.85, still i.i.d.
+    assert switch.observe(0.5)  # smoothed 0.675
+    assert switch.observe(0.95)  # smoothed 0.81: inside the hysteresis band, stays correlated
+    assert not switch.observe(1.0)  # smoothed 0.91
+    assert switch.switches == 2
+    with pytest.raises(ValueError, match="leave"):
+        SwitchOptions(enter=0.9, leave=0.8)
+
+
+def test_auto_statistics_are_the_papers_while_iid_and_the_moving_average_while_correlated():
+    x, others = images(8, seed=1), images(24, seed=2)
+    papers = adapters.create("norm", small_bn_cnn())
+    auto = adapters.create("norm", small_bn_cnn(), bn_stats="auto")
+    batch = torch.cat([x, others])
+    torch.testing.assert_close(auto.step(batch).logits, papers.step(batch).logits, atol=1e-4, rtol=1e-4)
+    assert not auto.switch.correlated
+    auto.switch.correlated = True  # as after a sustained run of one-class batches
+    first = auto.predict(batch)[:8]
+    second = auto.predict(torch.cat([x, others * 0.2 + 0.8]))[:8]
+    assert float((first.softmax(1) - second.softmax(1)).abs().sum(1).mean()) < 0.05
+    assert auto.state_dict()["switch"]["correlated"]
+    auto.reset()
+    assert not auto.switch.correlated
+
+
+def class_sorted(x, y, n, seed=0):
+    index = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:n].numpy()
+    index = index[y[index].argsort(kind="stable")]
+    return x[index], y[index]
+
+
+@pytest.mark.parametrize("order", ["sorted", "shuffled"])
+def test_auto_statistics_turn_a_class_sorted_stream_from_a_loss_into_a_gain(order, cifar10, resnet20_weights):
+    """Clean CIFAR-10 in class order, batches of 64: the papers' batch statistics lose heavily against
+    the frozen model; ``bn_stats='auto'`` (with the served gates) switches to the moving average and
+    does not. Shuffled, it stays with the papers and matches them."""
+    from adapters.datasets import to_tensor
+    from adapters.models import build_cifar_resnet
+
+    model = build_cifar_resnet("resnet20", resnet20_weights)
+    x, y = cifar10
+    if order == "sorted":
+        x, y = class_sorted(x, y, 1280)
+    else:
+        x, y = x[:1280], y[:1280]
+
+    def accuracy(method: str, **options) -> tuple[float, adapters.Adapter]:
+        adapter = adapters.create(method, model, **options)
+        right = 0
+        for start in range(0, len(y), 64):
+            logits = adapter.step(to_tensor(x[start:start + 64])).logits
+            right += int((logits.argmax(1).numpy() == y[start:start + 64]).sum())
+        return 100 * right / len(y), adapter
+
+    source, _ = accuracy("source")
+    papers, _ = accuracy("norm")
+    auto, adapter = accuracy("norm", bn_stats="auto", lame={"enabled": True, "max_class_diversity": 0.7})
+    if order == "sorted":
+        assert papers < source - 20
+        assert adapter.switch.correlated
+        assert auto > source - 1
+    else:
+        assert not adapter.switch.correlated and adapter.switch.switches == 0
+        assert auto == papers

@@ -365,4 +365,8 @@ def test_correlated_traffic_serves_robust_statistics_gates_and_lame_and_replicat
     torch.testing.assert_close(a, b)  # parameters and moving statistics came over
     assert follower.adapter.stats.parameter_version == 7
     plain = make_engine(method="eata").adapter.options
-    assert plain.bn_stats == "batch" and not plain.lame.enabled  # off by default
+    assert plain.bn_stats == "batch" and not plain.lame.enabled  # 'never' (false): the papers
+    assert ModelConfig(name="m", architecture="digits").correlated_traffic == "auto"  # the served default
+    auto = make_engine(method="eata", correlated_traffic="auto").adapter
+    assert auto.options.bn_stats == "auto" and auto.options.lame.max_class_diversity == 0.7
+    assert auto.switch is not None and not auto.switch.correlated
