@@ -28,6 +28,7 @@ from adapters.configure import (
 from adapters.correlation import ClassMixMonitor
 from adapters.guard import MANUAL, CollapseGuard, CollapseGuardOptions
 from adapters.lame import LameOptions, PenultimateFeatures, lame
+from adapters.passes import auxiliary_pass
 from adapters.prob_cache import InProcessProbabilityCache, ProbabilityCache
 from adapters.robust_norm import (
     StatisticsMode,
@@ -275,7 +276,7 @@ class Adapter:
             if grad_forward:
                 loss = self.loss(x, logits, selected)
             else:
-                with torch.enable_grad():
+                with torch.enable_grad(), auxiliary_pass(self.model):  # not an answer: no recorded statistics
                     x_sel = x[selected]
                     loss = self.loss(x_sel, self.forward(x_sel), torch.ones_like(selected[selected]))
             self.optimizer.zero_grad(set_to_none=True)

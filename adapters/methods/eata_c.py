@@ -27,6 +27,7 @@ import torch
 from pydantic import Field
 
 from adapters.methods.eata import Eata, EataOptions
+from adapters.passes import auxiliary_pass
 from adapters.registry import register
 from adapters.subnetwork import subnetwork
 
@@ -74,7 +75,8 @@ class EataC(Eata):
         self._sub_logits: torch.Tensor | None = None
 
     def sub_forward(self, x: torch.Tensor) -> torch.Tensor:
-        with subnetwork(self.model, self.options.drop_prob):
+        """A random sub-network's logits; an auxiliary pass (it answers no request on its own)."""
+        with subnetwork(self.model, self.options.drop_prob), auxiliary_pass(self.model):
             return self.model(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
