@@ -38,6 +38,7 @@ from adapters.robust_norm import (
     statistics_state,
     use_robust_statistics,
 )
+from adapters.state_check import STATE_FORMAT, check_compatible
 
 ENTROPY_EMA_MOMENTUM = 0.9
 
@@ -423,12 +424,19 @@ class Adapter:
         """Replace the optimiser state (a fresh optimiser when ``state`` is None)."""
         self.optimizer = self._build_optimizer()
         if self.optimizer is not None and state is not None:
+            # torch restores the saved hyper-parameters too; the configured ones (learning rate...) win.
+            configured = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
             self.optimizer.load_state_dict(copy.deepcopy(state))
+            for group, hyper in zip(self.optimizer.param_groups, configured, strict=True):
+                group.update(hyper)
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume: adapted parameters, optimiser, moving average, counters."""
+        """Everything needed to resume exactly: adapted parameters, optimiser, moving averages, counters,
+        random generator, and the method and options they belong to (checked on load)."""
         return {
+            "format": STATE_FORMAT,
             "method": self.name,
+            "options": self.options.model_dump(mode="json"),
             "model_hash": self.source_hash,
             "num_classes": self.num_classes,
             "params": self.adapted_parameters(),
@@ -437,18 +445,17 @@ class Adapter:
             "guard": self.guard.state_dict(),
             "stats": asdict(self.stats),
             "extra": self.extra_state(),
+            "rng": self.rng_state(),
             "norm_statistics": statistics_state(self.robust_layers),
             "class_mix": self.class_mix.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume from :meth:`state_dict`; refuses a state of another method or model."""
-        if state.get("method") != self.name:
-            raise ValueError(f"state is for method {state.get('method')!r}, this adapter is {self.name!r}")
-        if state.get("model_hash") != self.source_hash:
-            raise ValueError(
-                f"state belongs to model {state.get('model_hash')}, this adapter's model is {self.source_hash}"
-            )
+        """Resume from :meth:`state_dict`. Raises :class:`~adapters.state_check.IncompatibleState`, naming
+        the difference and changing nothing, for a state of another method, model, optimiser kind or
+        options (see :mod:`adapters.state_check`; states saved without options still load)."""
+        check_compatible(state, self.name, self.source_hash, self.options.model_dump(mode="json"),
+                         getattr(self.options, "optimizer", None) if self.optimizer is not None else None)
         self.load_adapted_parameters(state["params"])
         self.load_optimizer_state(state.get("optimizer"))
         self.prob_cache.load_state_dict(state.get("prob_cache", {}))
@@ -458,9 +465,18 @@ class Adapter:
         stats["resets"] = dict(stats.get("resets", {}))
         self.stats = AdapterStats(**stats)
         self.load_extra_state(state.get("extra", {}))
+        if state.get("rng") is not None:
+            self.load_rng_state(state["rng"])
         self.class_mix.load_state_dict(state.get("class_mix", {}))
         if self.robust_layers and "norm_statistics" in state:
             load_statistics_state(self.robust_layers, state["norm_statistics"])
+
+    def rng_state(self) -> torch.Tensor | None:
+        """The state of the method's own random generator (EATA-C's sub-network draws); None without one."""
+        return None
+
+    def load_rng_state(self, state: torch.Tensor) -> None:
+        """Restore :meth:`rng_state`."""
 
     def extra_state(self) -> dict[str, Any]:
         return {}

@@ -37,7 +37,7 @@ import adapters
 from adapters.robust_norm import load_statistics_state, statistics_state
 from service import batching
 from service.batching import PendingRequest
-from service.errors import InvalidInput, SnapshotNotFound, StoreUnavailable, UnknownModel
+from service.errors import InvalidInput, SnapshotIncompatible, SnapshotNotFound, StoreUnavailable, UnknownModel
 from service.feedback import FeedbackLedger
 from service.frozen_graph import freeze_for_inference
 from service.health_monitor import HealthMonitor, HealthSnapshot
@@ -450,7 +450,10 @@ class ModelEngine:
             state = self.snapshots.load(self.name, name)
         except KeyError:
             raise SnapshotNotFound(name) from None
-        await self.run_on_worker(lambda: self.adapter.load_state_dict(state))
+        try:
+            await self.run_on_worker(lambda: self.adapter.load_state_dict(state))
+        except adapters.IncompatibleState as exc:
+            raise SnapshotIncompatible(name, self.name, str(exc)) from None
         return next(s for s in self.list_snapshots() if s.name == name)
 
     async def adaptation_info(self) -> dict[str, Any]:

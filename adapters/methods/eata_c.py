@@ -43,6 +43,8 @@ class EataCOptions(EataOptions):
         2, ge=1, le=8, description="sub-network draws averaged for the returned confidence (the first is free: "
         "the loss's own sub-network forward; each further draw costs one no-gradient forward)",
     )
+    seed: int = Field(0, ge=0, description="seed of the adapter's own generator for sub-network draws (saved in "
+                      "state_dict, so a restored adapter draws what an uninterrupted one would)")
 
 
 def temperature_to_confidence(logits: torch.Tensor, target: torch.Tensor, iters: int = 30) -> torch.Tensor:
@@ -73,10 +75,12 @@ class EataC(Eata):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._sub_logits: torch.Tensor | None = None
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(self.options.seed)
 
     def sub_forward(self, x: torch.Tensor) -> torch.Tensor:
         """A random sub-network's logits; an auxiliary pass (it answers no request on its own)."""
-        with subnetwork(self.model, self.options.drop_prob), auxiliary_pass(self.model):
+        with subnetwork(self.model, self.options.drop_prob, self.generator), auxiliary_pass(self.model):
             return self.model(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,4 +115,12 @@ class EataC(Eata):
         return min_max_entropy + self.options.kl_weight * kl + self.fisher_penalty()
 
     def reset_extra(self) -> None:
+        """A reset adapter draws what a fresh one would: the generator starts again from the seed."""
         self._sub_logits = None
+        self.generator.manual_seed(self.options.seed)
+
+    def rng_state(self) -> torch.Tensor:
+        return self.generator.get_state()
+
+    def load_rng_state(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state.cpu())
