@@ -117,13 +117,18 @@ class OptimizedOptions(BatchStatisticsOptions):
     )
 
 
-#: ``on_prediction(logits, entropy, reliable, selected)`` of :meth:`Adapter.step`.
-PredictionCallback = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+#: ``on_prediction(logits, entropy, reliable, selected, divergence)`` of :meth:`Adapter.step`
+#: (``divergence``: :attr:`StepResult.divergence`).
+PredictionCallback = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], None]
 
 
 @dataclass
 class StepResult:
-    """What one step returns: the pre-update prediction and per-sample flags."""
+    """What one step returns: the pre-update prediction and per-sample flags.
+
+    ``divergence``: the per-sample model uncertainty of methods that have one (EATA-C: KL from the full
+    network's prediction to a sub-network's, nats, see :meth:`Adapter.model_divergence`); None otherwise.
+    """
 
     logits: torch.Tensor
     entropy: torch.Tensor
@@ -133,6 +138,7 @@ class StepResult:
     loss: float | None = None
     reset_reason: str | None = None
     parameter_version: int = 0
+    divergence: torch.Tensor | None = None
 
     @property
     def probabilities(self) -> torch.Tensor:
@@ -171,6 +177,8 @@ class Adapter:
     #: Whether answers are the model's plain output (no own forward or calibration, unlike EATA-C), so a
     #: server may answer from a traced graph of the model.
     traceable: ClassVar[bool] = True
+    #: Whether every prediction carries a model divergence (:meth:`model_divergence`; EATA-C).
+    reports_divergence: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -229,6 +237,11 @@ class Adapter:
         """The logits to return for ``x``, computed before the update; default: unchanged."""
         return logits
 
+    def model_divergence(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """Per-sample model uncertainty of the batch just forwarded (``logits``: the full network's, before
+        calibration); None for methods without one. Computed from passes the method ran anyway."""
+        return None
+
     def reset_extra(self) -> None:
         """Reset method-specific state."""
 
@@ -243,11 +256,16 @@ class Adapter:
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Logits with the current weights, no update and no counters (async serving, evaluation)."""
+        return self.predict_with_divergence(x)[0]
+
+    def predict_with_divergence(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`predict`'s logits and each sample's :meth:`model_divergence` (None without one)."""
         x = x.to(self.device)
         with torch.no_grad(), self._capturing_features():
             logits = self.forward(x)
             diversity = self.class_mix.score(logits) if self.watches_class_mix else 1.0
-            return self.correct_output(self.calibrate(x, logits), diversity)
+            returned = self.correct_output(self.calibrate(x, logits), diversity)
+            return returned, self.model_divergence(logits)
 
     def step(self, x: torch.Tensor, on_prediction: PredictionCallback | None = None) -> StepResult:
         """Predict ``x`` and, for adapting methods, take one update step on it.
@@ -269,8 +287,9 @@ class Adapter:
         commit(self.robust_layers, keep=bn_gate is None or diversity >= bn_gate)
         reliable, selected = self.select(detached, ent)
         returned = self.correct_output(self.calibrate(x, detached), diversity)
+        divergence = self.model_divergence(detached)
         if on_prediction is not None:
-            on_prediction(returned, ent, reliable, selected)
+            on_prediction(returned, ent, reliable, selected, divergence)
         loss_value: float | None = None
         updated = False
         if self.updates_parameters and bool(selected.any()) and self.update_allowed(diversity):
@@ -296,6 +315,7 @@ class Adapter:
             loss=loss_value,
             reset_reason=reset_reason,
             parameter_version=self.stats.parameter_version,
+            divergence=divergence,
         )
 
     def _capturing_features(self) -> Any:

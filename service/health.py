@@ -105,6 +105,27 @@ class PredictionWindow:
         }
 
 
+class MeanWindow:
+    """The mean of the last ``size`` values (EATA-C's per-prediction divergence); thread-safe."""
+
+    def __init__(self, size: int) -> None:
+        self._values: deque[float] = deque(maxlen=size)
+        self._lock = threading.Lock()
+
+    def add(self, values: list[float]) -> None:
+        with self._lock:
+            self._values.extend(values)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._values.clear()
+
+    def mean(self) -> float | None:
+        """None while empty (not measured: a method without the value, or nothing served yet)."""
+        with self._lock:
+            return sum(self._values) / len(self._values) if self._values else None
+
+
 # ------------------------------------------------------------------------------------ source agreement
 def export_onnx(module: nn.Module, input_size: tuple[int, int]) -> bytes:
     """A CPU copy of ``module`` (float NCHW in [0, 1] -> logits) as ONNX bytes with a dynamic batch axis.

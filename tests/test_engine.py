@@ -255,7 +255,8 @@ def test_a_step_reports_its_prediction_before_the_weights_move():
     adapter = adapters.create("eata", small_bn_cnn(), num_classes=10, e0=10.0, redundancy_eps=2.0)
     seen = {}
 
-    def on_prediction(logits, entropy, reliable, selected):
+    def on_prediction(logits, entropy, reliable, selected, divergence):
+        seen["divergence"] = divergence  # eata has no model divergence
         seen["logits"] = logits.clone()
         seen["params"] = {n: p.detach().clone() for n, p in adapter.params.items()}
         seen["selected"] = selected.clone()
@@ -264,6 +265,7 @@ def test_a_step_reports_its_prediction_before_the_weights_move():
     result = adapter.step(images(16), on_prediction)
     assert result.updated
     assert torch.equal(seen["logits"], result.logits) and torch.equal(seen["selected"], result.selected)
+    assert seen["divergence"] is None and result.divergence is None
     assert all(torch.equal(seen["params"][n], before[n]) for n in before)  # called before the update
     assert any(not torch.equal(p, before[n]) for n, p in adapter.params.items())
 

@@ -69,6 +69,7 @@ def temperature_to_confidence(logits: torch.Tensor, target: torch.Tensor, iters:
 class EataC(Eata):
     name = "eata-c"
     traceable = False  # answers come from its own calibration of full and sub-network passes
+    reports_divergence = True
     Options = EataCOptions
     options: EataCOptions
 
@@ -84,13 +85,11 @@ class EataC(Eata):
             return self.model(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Full-network logits; the sub-network's logits on the same batch are kept for loss/calibration.
-
-        Without gradient and with ``confidence='full'`` nothing needs them, so no sub-network runs.
-        """
+        """Full-network logits; the sub-network's logits on the same batch are kept for the loss, the
+        calibration and the per-sample divergence (every prediction carries it, so the sub-network runs
+        even without gradient and with ``confidence='full'``)."""
         logits = self.model(x)
-        needed = torch.is_grad_enabled() or self.options.confidence == "subnetwork"
-        self._sub_logits = self.sub_forward(x) if needed else None
+        self._sub_logits = self.sub_forward(x)  # the loss, the calibration and the divergence read it
         return logits
 
     def calibrate(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -103,6 +102,17 @@ class EataC(Eata):
             sub_prob = torch.stack([d.softmax(1).gather(1, label).squeeze(1) for d in draws]).mean(0)
             full_prob = logits.softmax(1).gather(1, label).squeeze(1)
             return temperature_to_confidence(logits, (full_prob + sub_prob) / 2)
+
+    def model_divergence(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """Model uncertainty per sample: KL(p_full || p_sub) in nats, the loss's own KL term before its
+        batch mean, between the full network's (uncalibrated) prediction and the sub-network drawn for
+        this batch. 0 where dropping blocks changes nothing; it grows where the prediction rests on
+        fragile features, as under a distribution shift (docs/benchmarks.md)."""
+        if self._sub_logits is None or self._sub_logits.shape[0] != logits.shape[0]:
+            return None
+        log_full = logits.detach().float().log_softmax(1)
+        log_sub = self._sub_logits.detach().float().log_softmax(1)
+        return (log_full.exp() * (log_full - log_sub)).sum(1).clamp_min(0.0)
 
     def loss(self, x: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         full = logits[mask]
