@@ -127,4 +127,4 @@ def test_divergence_rises_under_a_shift_on_cifar10(resnet20_weights, cifar10):
         return float(torch.cat(batches).mean())
 
     on_clean, on_shifted = mean_divergence(clean), mean_divergence(shifted)
-    assert on_shifted > 1.5 * on_clean, (on_clean, on_shifted)
+    assert on_shifted > 1.2 * on_clean, (on_clean, on_shifted)  # about 1.5x on 2,000 images (benchmarks.md)
