@@ -35,6 +35,7 @@ import torch
 
 import adapters
 from adapters.robust_norm import load_statistics_state, statistics_state
+from adapters.state_check import option_differences
 from service import batching
 from service.batching import PendingRequest
 from service.errors import InvalidInput, SnapshotIncompatible, SnapshotNotFound, StoreUnavailable, UnknownModel
@@ -390,6 +391,7 @@ class ModelEngine:
         return {
             "method": adapter.name,
             "model_hash": adapter.source_hash,
+            "options": adapter.options.model_dump(mode="json"),  # a follower configured otherwise refuses
             "params": adapter.adapted_parameters(),
             "optimizer": adapter.optimizer.state_dict() if adapter.optimizer else None,
             # Robust BatchNorm statistics and the class-mix average are adapted state too: without them a
@@ -404,6 +406,9 @@ class ModelEngine:
             raise StateRefused(f"method {state.get('method')!r} != {adapter.name!r}")
         if state.get("model_hash") != adapter.source_hash:
             raise StateRefused(f"model {state.get('model_hash')} != {adapter.source_hash}")
+        differences = option_differences(state.get("options") or {}, adapter.options.model_dump(mode="json"))
+        if "options" in state and differences:  # e.g. Adam moments for an SGD follower: it would crash leading
+            raise StateRefused("the leader adapts with other options: " + "; ".join(differences))
         try:
             adapter.load_adapted_parameters(state["params"])
             adapter.load_optimizer_state(state.get("optimizer"))

@@ -13,6 +13,7 @@ import adapters
 from service.engine import ModelEngine
 from service.errors import ConfigError, InvalidInput, SnapshotNotFound, UnknownRequestIds
 from service.model_sources import LoadedModel
+from service.replication_contract import StateRefused
 from service.settings import ModelConfig, Settings, load_settings
 
 CLASSES = [str(i) for i in range(10)]
@@ -368,3 +369,11 @@ def test_correlated_traffic_serves_robust_statistics_gates_and_lame_and_replicat
     assert follower.adapter.stats.parameter_version == 7
     plain = make_engine(method="eata").adapter.options
     assert plain.bn_stats == "batch" and not plain.lame.enabled  # off by default
+
+
+def test_a_follower_configured_with_other_options_refuses_the_leaders_state():
+    leader = make_engine(method="eata", options={"e0": 10.0})
+    sgd = make_engine(method="eata", options={"e0": 10.0, "optimizer": "sgd"})
+    with pytest.raises(StateRefused, match="optimizer: 'adam' in the state, 'sgd' here"):
+        sgd.import_state(leader.export_state(), version=3)
+    assert sgd.adapter.stats.parameter_version == 0  # nothing taken
