@@ -22,7 +22,6 @@ import logging
 import math
 import threading
 import time
-import warnings
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,6 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from service.onnx_export import exporting
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +135,7 @@ def export_onnx(module: nn.Module, input_size: tuple[int, int]) -> bytes:
     """
     frozen = copy.deepcopy(module).cpu().eval()
     buffer = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # the legacy exporter's deprecation note and tracer warnings
+    with exporting():  # one export at a time: two models start their agreement checks together
         torch.onnx.export(
             frozen, (torch.rand(2, 3, *input_size),), buffer, input_names=["images"], output_names=["logits"],
             dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=ONNX_OPSET, dynamo=False,
