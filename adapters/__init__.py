@@ -24,6 +24,7 @@ from adapters.guard import RESET_REASONS, CollapseGuardOptions
 from adapters.metrics import CalibrationAccumulator, accuracy, expected_calibration_error, forgetting
 from adapters.prob_cache import InProcessProbabilityCache, ProbabilityCache
 from adapters.registry import METHODS, AdapterConfigError, create, method_options
+from adapters.state_check import IncompatibleState
 
 __all__ = [
     "METHODS",
@@ -38,6 +39,7 @@ __all__ = [
     "FisherInfo",
     "FisherMismatchError",
     "InProcessProbabilityCache",
+    "IncompatibleState",
     "NoNormalizationError",
     "OptimizedOptions",
     "PredictionCallback",

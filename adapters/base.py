@@ -28,6 +28,7 @@ from adapters.configure import (
 from adapters.correlation import ClassMixMonitor, CorrelationSwitch, SwitchOptions
 from adapters.guard import MANUAL, CollapseGuard, CollapseGuardOptions
 from adapters.lame import LameOptions, PenultimateFeatures, lame
+from adapters.passes import auxiliary_pass
 from adapters.prob_cache import InProcessProbabilityCache, ProbabilityCache
 from adapters.robust_norm import (
     StatisticsMode,
@@ -38,6 +39,7 @@ from adapters.robust_norm import (
     statistics_state,
     use_robust_statistics,
 )
+from adapters.state_check import STATE_FORMAT, check_compatible
 
 ENTROPY_EMA_MOMENTUM = 0.9
 #: ``bn_stats='auto'``: batches smaller than this normalise with the moving average even while traffic looks
@@ -126,13 +128,18 @@ class OptimizedOptions(BatchStatisticsOptions):
     )
 
 
-#: ``on_prediction(logits, entropy, reliable, selected)`` of :meth:`Adapter.step`.
-PredictionCallback = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+#: ``on_prediction(logits, entropy, reliable, selected, divergence)`` of :meth:`Adapter.step`
+#: (``divergence``: :attr:`StepResult.divergence`).
+PredictionCallback = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], None]
 
 
 @dataclass
 class StepResult:
-    """What one step returns: the pre-update prediction and per-sample flags."""
+    """What one step returns: the pre-update prediction and per-sample flags.
+
+    ``divergence``: the per-sample model uncertainty of methods that have one (EATA-C: KL from the full
+    network's prediction to a sub-network's, nats, see :meth:`Adapter.model_divergence`); None otherwise.
+    """
 
     logits: torch.Tensor
     entropy: torch.Tensor
@@ -142,6 +149,7 @@ class StepResult:
     loss: float | None = None
     reset_reason: str | None = None
     parameter_version: int = 0
+    divergence: torch.Tensor | None = None
 
     @property
     def probabilities(self) -> torch.Tensor:
@@ -180,6 +188,8 @@ class Adapter:
     #: Whether answers are the model's plain output (no own forward or calibration, unlike EATA-C), so a
     #: server may answer from a traced graph of the model.
     traceable: ClassVar[bool] = True
+    #: Whether every prediction carries a model divergence (:meth:`model_divergence`; EATA-C).
+    reports_divergence: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -240,6 +250,11 @@ class Adapter:
         """The logits to return for ``x``, computed before the update; default: unchanged."""
         return logits
 
+    def model_divergence(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """Per-sample model uncertainty of the batch just forwarded (``logits``: the full network's, before
+        calibration); None for methods without one. Computed from passes the method ran anyway."""
+        return None
+
     def reset_extra(self) -> None:
         """Reset method-specific state."""
 
@@ -254,12 +269,17 @@ class Adapter:
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Logits with the current weights, no update and no counters (async serving, evaluation)."""
+        return self.predict_with_divergence(x)[0]
+
+    def predict_with_divergence(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`predict`'s logits and each sample's :meth:`model_divergence` (None without one)."""
         x = x.to(self.device)
         gated = self._choose_statistics(x.shape[0])
         with torch.no_grad(), self._capturing_features():
             logits = self.forward(x)
             diversity = self.class_mix.score(logits) if self.watches_class_mix and gated else 1.0
-            return self.correct_output(self.calibrate(x, logits), diversity, gated)
+            returned = self.correct_output(self.calibrate(x, logits), diversity, gated)
+            return returned, self.model_divergence(logits)
 
     def _choose_statistics(self, n: int) -> bool:
         """``bn_stats='auto'``: set what this pass normalises with; returns whether the class-mix gates act
@@ -310,15 +330,16 @@ class Adapter:
         commit(self.robust_layers, keep=bn_gate is None or diversity >= bn_gate)
         reliable, selected = self.select(detached, ent)
         returned = self.correct_output(self.calibrate(x, detached), diversity, gated)
+        divergence = self.model_divergence(detached)
         if on_prediction is not None:
-            on_prediction(returned, ent, reliable, selected)
+            on_prediction(returned, ent, reliable, selected, divergence)
         loss_value: float | None = None
         updated = False
         if self.updates_parameters and bool(selected.any()) and self.update_allowed(diversity):
             if grad_forward:
                 loss = self.loss(x, logits, selected)
             else:
-                with torch.enable_grad():
+                with torch.enable_grad(), auxiliary_pass(self.model):  # not an answer: no recorded statistics
                     x_sel = x[selected]
                     loss = self.loss(x_sel, self.forward(x_sel), torch.ones_like(selected[selected]))
             self.optimizer.zero_grad(set_to_none=True)
@@ -337,6 +358,7 @@ class Adapter:
             loss=loss_value,
             reset_reason=reset_reason,
             parameter_version=self.stats.parameter_version,
+            divergence=divergence,
         )
 
     def _capturing_features(self) -> Any:
@@ -468,12 +490,19 @@ class Adapter:
         """Replace the optimiser state (a fresh optimiser when ``state`` is None)."""
         self.optimizer = self._build_optimizer()
         if self.optimizer is not None and state is not None:
+            # torch restores the saved hyper-parameters too; the configured ones (learning rate...) win.
+            configured = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
             self.optimizer.load_state_dict(copy.deepcopy(state))
+            for group, hyper in zip(self.optimizer.param_groups, configured, strict=True):
+                group.update(hyper)
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume: adapted parameters, optimiser, moving average, counters."""
+        """Everything needed to resume exactly: adapted parameters, optimiser, moving averages, counters,
+        random generator, and the method and options they belong to (checked on load)."""
         return {
+            "format": STATE_FORMAT,
             "method": self.name,
+            "options": self.options.model_dump(mode="json"),
             "model_hash": self.source_hash,
             "num_classes": self.num_classes,
             "params": self.adapted_parameters(),
@@ -482,6 +511,7 @@ class Adapter:
             "guard": self.guard.state_dict(),
             "stats": asdict(self.stats),
             "extra": self.extra_state(),
+            "rng": self.rng_state(),
             **self.traffic_state(),
         }
 
@@ -504,13 +534,11 @@ class Adapter:
             self.switch.load_state_dict(state.get("switch") or {})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume from :meth:`state_dict`; refuses a state of another method or model."""
-        if state.get("method") != self.name:
-            raise ValueError(f"state is for method {state.get('method')!r}, this adapter is {self.name!r}")
-        if state.get("model_hash") != self.source_hash:
-            raise ValueError(
-                f"state belongs to model {state.get('model_hash')}, this adapter's model is {self.source_hash}"
-            )
+        """Resume from :meth:`state_dict`. Raises :class:`~adapters.state_check.IncompatibleState`, naming
+        the difference and changing nothing, for a state of another method, model, optimiser kind or
+        options (see :mod:`adapters.state_check`; states saved without options still load)."""
+        check_compatible(state, self.name, self.source_hash, self.options.model_dump(mode="json"),
+                         getattr(self.options, "optimizer", None) if self.optimizer is not None else None)
         self.load_adapted_parameters(state["params"])
         self.load_optimizer_state(state.get("optimizer"))
         self.prob_cache.load_state_dict(state.get("prob_cache", {}))
@@ -520,7 +548,16 @@ class Adapter:
         stats["resets"] = dict(stats.get("resets", {}))
         self.stats = AdapterStats(**stats)
         self.load_extra_state(state.get("extra", {}))
+        if state.get("rng") is not None:
+            self.load_rng_state(state["rng"])
         self.load_traffic_state(state)
+
+    def rng_state(self) -> torch.Tensor | None:
+        """The state of the method's own random generator (EATA-C's sub-network draws); None without one."""
+        return None
+
+    def load_rng_state(self, state: torch.Tensor) -> None:
+        """Restore :meth:`rng_state`."""
 
     def extra_state(self) -> dict[str, Any]:
         return {}

@@ -11,8 +11,10 @@ The averages are BatchNorm's own running statistics, kept in tensors of ours: th
 mode (``training=True``) but track running statistics, so the normalisation kernel updates the
 averages from the mean and variance it computes anyway. Recording costs nothing measurable; separate
 reductions in per-layer hooks cost a quarter of a sync adaptation step. One hook on the model decides
-per forward pass whether that pass counts (its ``momentum``: 0 for small batches). Like BatchNorm's, the
-recorded variance is the unbiased one (a factor n/(n-1), n = images x pixels per channel).
+per forward pass whether that pass counts (its ``momentum``: 0 for small batches, and for the adapter's
+own passes marked by :func:`adapters.passes.auxiliary_pass`: EATA-C's sub-network passes and
+``backward='selected'`` re-forwards answer no request, and their statistics are not the traffic's).
+Like BatchNorm's, the recorded variance is the unbiased one (a factor n/(n-1), n = images x pixels per channel).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 
 from adapters.configure import BATCH_NORMS, model_device
+from adapters.passes import is_auxiliary_pass
 from adapters.robust_norm import RobustBatchNorm
 
 
@@ -59,10 +62,12 @@ class RecentBatchStatistics:
 
     def _before_pass(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
         """Set how much this forward pass moves the averages: all the way on the first recorded pass,
-        ``momentum`` on later large ones, not at all on small batches or inside :meth:`applied`."""
+        ``momentum`` on later large ones, not at all on small batches, inside :meth:`applied` or
+        :meth:`paused`, nor on the adapter's own (auxiliary) passes."""
         if self._tracing:
             return
-        record = not (self._applying or self._paused) and bool(args) and args[0].shape[0] >= self.min_batch
+        record = (not (self._applying or self._paused or is_auxiliary_pass(module)) and bool(args)
+                  and args[0].shape[0] >= self.min_batch)
         self._set_factor((1.0 if self.updates == 0 else self.momentum) if record else 0.0)
         if record:
             self.recorded()

@@ -21,32 +21,35 @@ def has_skippable_residuals(model: nn.Module) -> bool:
     return any(isinstance(m, SkippableResidual) for m in model.modules())
 
 
-def _drop_channels(p: float):
+def _drop_channels(p: float, generator: torch.Generator | None):
     def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         if output.dim() >= 3 and not isinstance(module, nn.LayerNorm):
             shape = (output.shape[0], output.shape[1]) + (1,) * (output.dim() - 2)  # N, C, 1, ...
         else:
             shape = (output.shape[0],) + (1,) * (output.dim() - 2) + (output.shape[-1],)  # N, ..., C
-        keep = torch.rand(shape, device=output.device) >= p
+        keep = torch.rand(shape, device=output.device, generator=generator) >= p
         return output * keep.to(output.dtype)
 
     return hook
 
 
 @contextmanager
-def subnetwork(model: nn.Module, drop_prob: float) -> Iterator[None]:
-    """Within the context, forward passes of ``model`` run a random sub-network."""
+def subnetwork(model: nn.Module, drop_prob: float, generator: torch.Generator | None = None) -> Iterator[None]:
+    """Within the context, forward passes of ``model`` run a random sub-network, drawn from ``generator``
+    (torch's global one when None): an adapter with its own generator resumes its draws exactly."""
     blocks = [m for m in model.modules() if isinstance(m, SkippableResidual)]
     handles = []
     if blocks:
         for block in blocks:
             block.drop_prob = drop_prob
+            block.drop_generator = generator
     else:
-        handles = [m.register_forward_hook(_drop_channels(drop_prob)) for _, m in norm_layers(model)]
+        handles = [m.register_forward_hook(_drop_channels(drop_prob, generator)) for _, m in norm_layers(model)]
     try:
         yield
     finally:
         for block in blocks:
             block.drop_prob = 0.0
+            block.drop_generator = None
         for handle in handles:
             handle.remove()

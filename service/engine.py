@@ -34,9 +34,10 @@ import numpy as np
 import torch
 
 import adapters
+from adapters.state_check import option_differences
 from service import batching
 from service.batching import PendingRequest
-from service.errors import InvalidInput, SnapshotNotFound, StoreUnavailable, UnknownModel
+from service.errors import InvalidInput, SnapshotIncompatible, SnapshotNotFound, StoreUnavailable, UnknownModel
 from service.feedback import FeedbackLedger
 from service.frozen_graph import freeze_for_inference
 from service.health_monitor import HealthMonitor, HealthSnapshot
@@ -55,7 +56,9 @@ WORSE_THAN_SOURCE = "worse_than_source"
 
 @dataclass
 class Prediction:
-    """One image's answer. ``selected`` is None when the decision is made after answering."""
+    """One image's answer. ``selected`` is None when the decision is made after answering; ``divergence``
+    (model uncertainty, nats: :meth:`adapters.Adapter.model_divergence`) is None for methods without one
+    and for answers of the frozen fallback."""
 
     request_id: str
     probabilities: torch.Tensor
@@ -65,6 +68,7 @@ class Prediction:
     reliable: bool | None
     selected: bool | None
     parameter_version: int
+    divergence: float | None = None
 
 
 class EngineObserver:
@@ -86,8 +90,10 @@ class EngineObserver:
         """The engine stopped; ``health`` is the callable it registered (a reloaded model's new engine may
         already be registered under the same name: only this one is forgotten)."""
 
-    def on_predictions(self, model: str, entropy: torch.Tensor, confidence: torch.Tensor) -> None:
-        """Per-sample entropy (nats) and confidence of every served prediction of a micro-batch."""
+    def on_predictions(self, model: str, entropy: torch.Tensor, confidence: torch.Tensor,
+                       divergence: torch.Tensor | None = None) -> None:
+        """Per-sample entropy (nats), confidence and model divergence (nats; None for methods without one)
+        of every served prediction of a micro-batch."""
 
 
 def _all_finite(images: torch.Tensor) -> bool:
@@ -284,23 +290,25 @@ class ModelEngine:
         if batch_statistics and cfg.mode == "sync" and self.adapts and x.shape[0] >= cfg.min_adapt_batch:
 
             def on_prediction(logits: torch.Tensor, ent: torch.Tensor, reliable: torch.Tensor,
-                              selected: torch.Tensor) -> None:
-                answer(self._answers(x, logits, reliable, selected, version, fallbacks))
+                              selected: torch.Tensor, divergence: torch.Tensor | None) -> None:
+                answer(self._answers(x, logits, reliable, selected, version, fallbacks, divergence))
 
             self._step(x, on_prediction)
         else:
+            divergence = None
             if not batch_statistics:
                 logits = self.source.predict(x)
             else:
-                logits = self.small_batch.predict(x)
+                logits, divergence = self.small_batch.predict(x)
                 if self.adapts:
                     self._schedule_adaptation(x)
-            answer(self._answers(x, logits, None, None, version, fallbacks))
+            answer(self._answers(x, logits, None, None, version, fallbacks, divergence))
         self.monitor.refresh_drift()
         self.observer.on_batch(self.name, x.shape[0], time.perf_counter() - started)
 
     def _answers(self, x: torch.Tensor, logits: torch.Tensor, reliable: torch.Tensor | None,
-                 selected: torch.Tensor | None, version: int, fallbacks: int) -> list[Prediction]:
+                 selected: torch.Tensor | None, version: int, fallbacks: int,
+                 divergence: torch.Tensor | None = None) -> list[Prediction]:
         """Each image's prediction, and the per-batch bookkeeping (context, health, feedback memory)."""
         n = x.shape[0]
         self.small_batch.remember(x)
@@ -310,18 +318,22 @@ class ModelEngine:
         if reliable is None and self.adapter.e0 is not None:
             reliable = entropy < self.adapter.e0
         confidence, label = probs.max(1)
-        self.monitor.served(x, label, confidence, by_adapted=self.small_batch.frozen_fallbacks == fallbacks)
-        self.observer.on_predictions(self.name, entropy, confidence)
+        if divergence is not None:
+            divergence = divergence.detach().float().cpu()
+        self.monitor.served(x, label, confidence, by_adapted=self.small_batch.frozen_fallbacks == fallbacks,
+                            divergence=divergence)
+        self.observer.on_predictions(self.name, entropy, confidence, divergence)
         # Plain Python values, converted once per batch: indexing tensors per image costs more than the model
         # at small batches.
         labels, confidences, entropies = label.tolist(), confidence.tolist(), entropy.tolist()
         reliables = [None] * n if reliable is None else reliable.tolist()
         selecteds = [None] * n if selected is None else selected.tolist()
+        divergences = [None] * n if divergence is None else divergence.tolist()
         ids = _request_ids(n)
         predictions = [
-            Prediction(request_id, row, lab, conf, ent, rel, sel, version)
-            for request_id, row, lab, conf, ent, rel, sel in zip(
-                ids, probs.unbind(0), labels, confidences, entropies, reliables, selecteds, strict=True
+            Prediction(request_id, row, lab, conf, ent, rel, sel, version, div)
+            for request_id, row, lab, conf, ent, rel, sel, div in zip(
+                ids, probs.unbind(0), labels, confidences, entropies, reliables, selecteds, divergences, strict=True
             )
         ]
         self.feedback_ledger.remember(zip(ids, labels, confidences, strict=True))
@@ -378,6 +390,7 @@ class ModelEngine:
         return {
             "method": adapter.name,
             "model_hash": adapter.source_hash,
+            "options": adapter.options.model_dump(mode="json"),  # a follower configured otherwise refuses
             "params": adapter.adapted_parameters(),
             "optimizer": adapter.optimizer.state_dict() if adapter.optimizer else None,
             **adapter.traffic_state(),
@@ -389,6 +402,9 @@ class ModelEngine:
             raise StateRefused(f"method {state.get('method')!r} != {adapter.name!r}")
         if state.get("model_hash") != adapter.source_hash:
             raise StateRefused(f"model {state.get('model_hash')} != {adapter.source_hash}")
+        differences = option_differences(state.get("options") or {}, adapter.options.model_dump(mode="json"))
+        if "options" in state and differences:  # e.g. Adam moments for an SGD follower: it would crash leading
+            raise StateRefused("the leader adapts with other options: " + "; ".join(differences))
         try:
             adapter.load_adapted_parameters(state["params"])
             adapter.load_optimizer_state(state.get("optimizer"))
@@ -445,7 +461,10 @@ class ModelEngine:
             state = self.snapshots.load(self.name, name)
         except KeyError:
             raise SnapshotNotFound(name) from None
-        await self.run_on_worker(lambda: self.adapter.load_state_dict(state))
+        try:
+            await self.run_on_worker(lambda: self.adapter.load_state_dict(state))
+        except adapters.IncompatibleState as exc:
+            raise SnapshotIncompatible(name, self.name, str(exc)) from None
         return next(s for s in self.list_snapshots() if s.name == name)
 
     async def adaptation_info(self) -> dict[str, Any]:

@@ -48,5 +48,12 @@ class SnapshotNotFound(KeyError):
     """A snapshot name with nothing saved under it."""
 
 
+class SnapshotIncompatible(ValueError):
+    """A snapshot saved under another method, model, optimiser or options; the message names the difference."""
+
+    def __init__(self, name: str, model: str, reason: str) -> None:
+        super().__init__(f"snapshot {name!r} cannot be restored into model {model!r}: {reason}")
+
+
 class StoreUnavailable(RuntimeError):
     """The shared state store (Redis) cannot be reached right now."""

@@ -23,7 +23,7 @@ from tritonclient.grpc import service_pb2_grpc as rpc
 
 from service.engine import EngineRegistry, ModelEngine
 from service.errors import InvalidInput, UnknownModel
-from service.predictions import classification_strings, probability_matrix
+from service.predictions import classification_strings, divergence_vector, probability_matrix
 from service.preprocess import (
     BYTES,
     FP32,
@@ -37,6 +37,7 @@ from service.preprocess import (
 )
 from service.settings import Settings
 from service.v2_protocol import (
+    DIVERGENCE_OUTPUT,
     EXTENSIONS,
     INPUT_NAME,
     OUTPUT_NAME,
@@ -96,7 +97,9 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
                 name=engine.name, versions=[VERSION], platform=PLATFORM,
                 inputs=[pb.ModelMetadataResponse.TensorMetadata(name=INPUT_NAME, datatype=FP32, shape=[-1, c, h, w])],
                 outputs=[pb.ModelMetadataResponse.TensorMetadata(
-                    name=OUTPUT_NAME, datatype=FP32, shape=[-1, len(engine.classes)])],
+                    name=OUTPUT_NAME, datatype=FP32, shape=[-1, len(engine.classes)])]
+                + ([pb.ModelMetadataResponse.TensorMetadata(name=DIVERGENCE_OUTPUT, datatype=FP32, shape=[-1])]
+                   if engine.adapter.reports_divergence else []),
             )
 
         return await _answer(context, metadata)
@@ -107,7 +110,7 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
             if request.model_version not in ("", VERSION):
                 raise _Refused(grpc.StatusCode.NOT_FOUND, f"model {engine.name!r} has version {VERSION!r} only")
             images = await self._images(engine, request)
-            outputs = _requested_outputs(request)
+            outputs = _requested_outputs(request, engine)
             predictions = await engine.predict(images)
         except _Refused as exc:
             await context.abort(exc.code, str(exc))
@@ -117,7 +120,11 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
         response.parameters["parameter_version"].int64_param = predictions[-1].parameter_version
         response.parameters["request_ids"].string_param = ",".join(p.request_id for p in predictions)
         for name, top in outputs:
-            if top is None:
+            if name == DIVERGENCE_OUTPUT:  # NaN for an answer of the frozen fallback
+                divergence = divergence_vector(predictions)
+                response.outputs.add(name=name, datatype=FP32, shape=[len(predictions)])
+                response.raw_output_contents.append(divergence.tobytes())
+            elif top is None:
                 probs = probability_matrix(predictions)
                 response.outputs.add(name=name, datatype=FP32, shape=list(probs.shape))
                 response.raw_output_contents.append(probs.tobytes())
@@ -152,14 +159,15 @@ class InferenceService(rpc.GRPCInferenceServiceServicer):
         return array_to_tensor(values, tensor.datatype)
 
 
-def _requested_outputs(request: Any) -> list[tuple[str, int | None]]:
+def _requested_outputs(request: Any, engine: ModelEngine) -> list[tuple[str, int | None]]:
     """(name, classification count or None) for each output to return."""
     if not request.outputs:
         return [(OUTPUT_NAME, None)]
     result = []
     for out in request.outputs:
         top = out.parameters["classification"].int64_param if "classification" in out.parameters else None
-        result.append((out.name, check_output(out.name, top)))
+        result.append((out.name, check_output(out.name, top, engine.config.method,
+                                              engine.adapter.reports_divergence)))
     return result
 
 

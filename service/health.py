@@ -22,7 +22,6 @@ import logging
 import math
 import threading
 import time
-import warnings
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,6 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from service.onnx_export import exporting
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,27 @@ class PredictionWindow:
         }
 
 
+class MeanWindow:
+    """The mean of the last ``size`` values (EATA-C's per-prediction divergence); thread-safe."""
+
+    def __init__(self, size: int) -> None:
+        self._values: deque[float] = deque(maxlen=size)
+        self._lock = threading.Lock()
+
+    def add(self, values: list[float]) -> None:
+        with self._lock:
+            self._values.extend(values)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._values.clear()
+
+    def mean(self) -> float | None:
+        """None while empty (not measured: a method without the value, or nothing served yet)."""
+        with self._lock:
+            return sum(self._values) / len(self._values) if self._values else None
+
+
 # ------------------------------------------------------------------------------------ source agreement
 def export_onnx(module: nn.Module, input_size: tuple[int, int]) -> bytes:
     """A CPU copy of ``module`` (float NCHW in [0, 1] -> logits) as ONNX bytes with a dynamic batch axis.
@@ -113,8 +135,7 @@ def export_onnx(module: nn.Module, input_size: tuple[int, int]) -> bytes:
     """
     frozen = copy.deepcopy(module).cpu().eval()
     buffer = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # the legacy exporter's deprecation note and tracer warnings
+    with exporting():  # one export at a time: two models start their agreement checks together
         torch.onnx.export(
             frozen, (torch.rand(2, 3, *input_size),), buffer, input_names=["images"], output_names=["logits"],
             dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=ONNX_OPSET, dynamo=False,

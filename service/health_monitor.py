@@ -22,7 +22,7 @@ import torch
 import adapters
 from service.errors import ModelLoadError
 from service.feedback import FeedbackLedger
-from service.health import PredictionWindow, ProbeResult, ProbeSet, SourceAgreement
+from service.health import MeanWindow, PredictionWindow, ProbeResult, ProbeSet, SourceAgreement
 from service.replication_contract import ReplicationPeer
 from service.settings import ModelConfig
 
@@ -45,6 +45,7 @@ class HealthSnapshot:
     prediction_window_samples: int
     predicted_class_entropy_nats: float | None
     mean_confidence_ratio: float | None
+    mean_divergence_nats: float | None
     batch_distinct_classes_ratio: float | None
     parameter_drift_ratio: float
     parameter_version: int
@@ -85,6 +86,7 @@ class HealthMonitor:
         self.feedback = feedback
         self.replica = replica
         self.window = PredictionWindow(config.health_window)
+        self.divergence = MeanWindow(config.health_window)
         self.agreement: SourceAgreement | None = None  # started with the engine
         self.probe = probe_set(config)
         self._source_module = source_module
@@ -115,9 +117,13 @@ class HealthMonitor:
             self.agreement.stop()
 
     # ------------------------------------------------------------------ what the engine reports
-    def served(self, x: torch.Tensor, labels: torch.Tensor, confidence: torch.Tensor, by_adapted: bool) -> None:
-        """A served batch's answers; ``by_adapted``: the adapted model answered (not the frozen fallback)."""
+    def served(self, x: torch.Tensor, labels: torch.Tensor, confidence: torch.Tensor, by_adapted: bool,
+               divergence: torch.Tensor | None = None) -> None:
+        """A served batch's answers; ``by_adapted``: the adapted model answered (not the frozen fallback);
+        ``divergence``: each answer's model divergence (EATA-C), None for methods without one."""
         self.window.add(labels, confidence)
+        if divergence is not None:
+            self.divergence.add(divergence.tolist())
         if self.agreement is not None and by_adapted:
             self.agreement.offer(x, labels)
 
@@ -191,6 +197,7 @@ class HealthMonitor:
             entropy_ema_nats=stats.entropy_ema,
             entropy_margin_nats=self.adapter.e0,
             **self.window.summary(),
+            mean_divergence_nats=self.divergence.mean(),
             parameter_drift_ratio=self._drift,
             parameter_version=stats.parameter_version,
             **(self.agreement.summary() if self.agreement is not None else _NO_AGREEMENT),

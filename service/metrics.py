@@ -42,6 +42,7 @@ UNMATCHED_ROUTE = "<unmatched>"
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 _ENTROPY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 7.0)
+_DIVERGENCE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
 _CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 MODEL = ("model",)
 MODEL_METHOD = ("model", "method")
@@ -93,6 +94,11 @@ class ServiceMetrics(EngineObserver):
             "tta_prediction_confidence_ratio", "max-softmax confidence of each served prediction", MODEL_METHOD,
             buckets=_CONFIDENCE_BUCKETS, registry=r,
         )
+        self.prediction_divergence = Histogram(
+            "tta_prediction_divergence_nats", "model divergence of each served prediction: KL from the full "
+            "network's prediction to a sub-network's (EATA-C only; rises under distribution shift)", MODEL_METHOD,
+            buckets=_DIVERGENCE_BUCKETS, registry=r,
+        )
         self.adapt_dropped = Counter(
             "tta_adapt_dropped_samples_total", "samples whose adaptation was dropped (queue full)", ["model"],
             registry=r,
@@ -128,8 +134,13 @@ class ServiceMetrics(EngineObserver):
         # Selected = used for an update, as in AdapterStats: nothing counts when no update ran.
         self.samples_selected.labels(model, method).inc(int(result.selected.sum()) if result.updated else 0)
 
-    def on_predictions(self, model: str, entropy: torch.Tensor, confidence: torch.Tensor) -> None:
+    def on_predictions(self, model: str, entropy: torch.Tensor, confidence: torch.Tensor,
+                       divergence: torch.Tensor | None = None) -> None:
         method = self._method(model)
+        if divergence is not None:
+            divergence_histogram = self.prediction_divergence.labels(model, method)
+            for value in divergence.tolist():
+                divergence_histogram.observe(value)
         entropy_histogram = self.prediction_entropy.labels(model, method)
         confidence_histogram = self.prediction_confidence.labels(model, method)
         for value in entropy.tolist():
@@ -149,6 +160,9 @@ class ServiceMetrics(EngineObserver):
         for per_method in (self.adapt_steps, self.adapt_step_duration, self.samples_seen, self.samples_reliable,
                            self.samples_selected, self.prediction_entropy, self.prediction_confidence):
             per_method.labels(model, method)
+        known = adapters.METHODS.get(method)
+        if known is not None and known.reports_divergence:  # only methods that have it get the series
+            self.prediction_divergence.labels(model, method)
 
     def on_stop(self, model: str, health: Callable[[], dict[str, Any]]) -> None:
         self.health_collector.remove(model, health)
@@ -173,6 +187,8 @@ _HEALTH_GAUGES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("batch_distinct_classes_ratio", "distinct predicted classes per served batch over the number expected for "
      "shuffled traffic with the same class mix, mean of recent batches (about 1: shuffled; about 1/k: each batch "
      "holds one of k classes, i.e. class-correlated traffic)", MODEL_METHOD),
+    ("mean_divergence_nats", "mean model divergence (KL full network -> sub-network, nats) over the recent "
+     "predictions of the health window (EATA-C only)", MODEL_METHOD),
     ("prediction_window_samples", "served predictions in the recent-prediction window", MODEL_METHOD),
     ("parameter_drift_ratio", "relative L2 distance of the adapted parameters from the source ones", MODEL_METHOD),
     ("parameter_version", "version of the weights that answer (updates, resets, loaded leader states)",

@@ -9,7 +9,6 @@ based exporter, checked against PyTorch on random inputs, and wrapped in :class:
 from __future__ import annotations
 
 import io
-import warnings
 
 import numpy as np
 import onnxruntime as ort
@@ -18,6 +17,7 @@ from torch import nn
 
 from service.errors import ModelLoadError
 from service.model_sources import LoadedModel
+from service.onnx_export import exporting
 from service.settings import ModelConfig
 
 TOLERANCE = 1e-3  # max |ONNX - PyTorch| logits, relative to their scale
@@ -31,8 +31,7 @@ def export_classifier(module: nn.Module, input_size: tuple[int, int], opset: int
     """The module (float NCHW in [0, 1] -> logits) as ONNX bytes with a dynamic batch axis."""
     buffer = io.BytesIO()
     example = torch.rand(2, 3, *input_size)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # the legacy exporter's deprecation note and tracer warnings
+    with exporting():
         torch.onnx.export(
             module.cpu().eval(), (example,), buffer, input_names=["images"], output_names=["logits"],
             dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset, dynamo=False,

@@ -6,6 +6,7 @@ reads is made here, so every transport says the same thing under the same names.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,8 @@ DEFAULT_TOP_K = 3
 
 
 def prediction_fields(p: Prediction, classes: list[str], top_k: int = DEFAULT_TOP_K) -> dict[str, Any]:
-    """A prediction as plain values, with its ``top_k`` classes (capped at the class count)."""
+    """A prediction as plain values, with its ``top_k`` classes (capped at the class count). ``divergence``
+    (EATA-C's model uncertainty, nats) is None for other methods."""
     top_p, top_i = p.probabilities.topk(min(top_k, len(classes)))
     return {
         "request_id": p.request_id,
@@ -32,6 +34,7 @@ def prediction_fields(p: Prediction, classes: list[str], top_k: int = DEFAULT_TO
         "reliable": p.reliable,
         "selected": p.selected,
         "parameter_version": p.parameter_version,
+        "divergence": p.divergence,
     }
 
 
@@ -44,6 +47,13 @@ def classification_strings(predictions: list[Prediction], classes: list[str], to
         values, indices = p.probabilities.topk(top)
         out += [f"{v:f}:{i}:{classes[i]}" for v, i in zip(values.tolist(), indices.tolist(), strict=True)]
     return out
+
+
+def divergence_vector(predictions: list[Prediction]) -> np.ndarray:
+    """Every prediction's model divergence as one little-endian float32 array of shape [N] (the v2
+    ``divergence`` output); NaN for an answer without one (the frozen fallback before any context)."""
+    values = [math.nan if p.divergence is None else p.divergence for p in predictions]
+    return np.asarray(values, dtype="<f4")
 
 
 def probability_matrix(predictions: list[Prediction]) -> np.ndarray:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from service.engine import EngineRegistry
-from service.errors import ModelLoadError, SnapshotNotFound, UnknownModel
+from service.errors import ModelLoadError, SnapshotIncompatible, SnapshotNotFound, UnknownModel
 from service.settings import ModelConfig
 from service.snapshots import SnapshotInfo
 
@@ -71,7 +71,7 @@ class ModelRepository:
                 if snapshot is not None:
                     try:
                         await engine.restore_snapshot(snapshot)
-                    except SnapshotNotFound:
+                    except (SnapshotNotFound, SnapshotIncompatible):
                         await engine.stop()
                         raise
             except Exception as exc:

@@ -57,36 +57,38 @@ class SmallBatchPredictor:
         """A pass that is not served traffic (probe evaluations) leaves the recent statistics alone."""
         return self.recent.paused() if self.recent is not None else contextlib.nullcontext()
 
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits for ``x`` by the policy above (only batch-statistics methods come here)."""
+    def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits for ``x`` by the policy above (only batch-statistics methods come here), and each image's
+        model divergence where the adapter computes one (EATA-C; None for the frozen fallback)."""
         if self.robust:  # moving-average (or source-mixed) statistics: any batch size, a lone image too
-            return self.adapter.predict(x)
+            return self.adapter.predict_with_divergence(x)
         n = x.shape[0]
         recent = self.recent
         if n >= self.config.min_adapt_batch:
             graph = self._batch_graph() if recent is None or recent.updates > 0 else None
             if graph is None:
-                return self.adapter.predict(x)
+                return self.adapter.predict_with_divergence(x)
             with torch.no_grad():
                 logits = graph(x.to(self.adapter.device))
             if recent is not None:
                 recent.recorded()
-            return logits
+            return logits, None
         if recent is not None and recent.ready(max_served=self.config.recent_statistics_images):
             recent.served_since_update += n
             graph = self._recent_graph()
             if graph is not None:
                 with torch.no_grad():
-                    return graph(x.to(self.adapter.device))
+                    return graph(x.to(self.adapter.device)), None
             with recent.applied():
-                return self.adapter.predict(x)
+                return self.adapter.predict_with_divergence(x)
         need = self.config.min_adapt_batch - n
         context = list(self._context)[-need:] if need > 0 else []
         if not context:
             self.frozen_fallbacks += n
-            return self.source.predict(x)
+            return self.source.predict(x), None
         padded = torch.cat([x, torch.stack(context).to(x.device)])
-        return self.adapter.predict(padded)[:n]
+        logits, divergence = self.adapter.predict_with_divergence(padded)
+        return logits[:n], None if divergence is None else divergence[:n]
 
     def _traceable(self) -> bool:
         """Whether the adapter's answers are its model's output (not EATA-C's own forward or calibration)

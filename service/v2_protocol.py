@@ -16,6 +16,8 @@ PLATFORM = "tta-serve-pytorch"
 VERSION = "1"
 INPUT_NAME = "images"
 OUTPUT_NAME = "probabilities"
+#: Optional FP32 [N] output of models whose method reports a model divergence (EATA-C), on request only.
+DIVERGENCE_OUTPUT = "divergence"
 EXTENSIONS = ["binary_tensor_data", "classification"]
 
 
@@ -34,10 +36,21 @@ def check_encoded_images(name: str, shape: list[int], count: int, limit: int) ->
     check_count(count, limit)
 
 
-def check_output(name: str, classification: Any) -> int | None:
-    """A requested output: it must be ours; ``classification`` None or a positive count (returned)."""
-    if name != OUTPUT_NAME:
-        raise InvalidInput(f"unknown output {name!r}; this model has [{OUTPUT_NAME!r}]")
+def output_names(reports_divergence: bool) -> list[str]:
+    """The outputs a model has: the probabilities, and the divergence where its method reports one."""
+    return [OUTPUT_NAME, DIVERGENCE_OUTPUT] if reports_divergence else [OUTPUT_NAME]
+
+
+def check_output(name: str, classification: Any, method: str, reports_divergence: bool) -> int | None:
+    """A requested output: it must be ours; ``classification`` None or a positive count (returned), and
+    only on the probabilities. ``divergence`` exists only for methods that report one (EATA-C)."""
+    if name == DIVERGENCE_OUTPUT and not reports_divergence:
+        raise InvalidInput(f"output {name!r} is reported by method 'eata-c' only; this model adapts with "
+                           f"{method!r} (outputs: [{OUTPUT_NAME!r}])")
+    if name not in output_names(reports_divergence):
+        raise InvalidInput(f"unknown output {name!r}; this model has {output_names(reports_divergence)}")
+    if name == DIVERGENCE_OUTPUT and classification is not None:
+        raise InvalidInput(f"output {name!r} takes no parameters.classification (it is one number per image)")
     if classification is not None and (
         isinstance(classification, bool) or not isinstance(classification, int) or classification < 1
     ):

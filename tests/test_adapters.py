@@ -167,20 +167,63 @@ def test_state_dict_resumes_exactly(method):
     assert second.stats == first.stats
     if method != "tent":  # tent keeps no moving average
         assert torch.equal(second.prob_cache.get(), first.prob_cache.get())
-    torch.manual_seed(1)
-    a = first.step(images(seed=5))
-    torch.manual_seed(1)
-    b = second.step(images(seed=5))
-    assert torch.equal(a.logits, b.logits)
+    # No re-seeding: EATA-C's sub-network draws come from its own generator, restored with the state, so
+    # whatever the global RNG holds the next steps are those of the uninterrupted adapter.
+    for seed in (5, 6):
+        torch.manual_seed(100 + seed)
+        a = first.step(images(seed=seed))
+        torch.manual_seed(200 + seed)
+        b = second.step(images(seed=seed))
+        assert torch.equal(a.logits, b.logits) and a.loss == b.loss
     assert all(torch.equal(v, params_of(first)[k]) for k, v in params_of(second).items())
+
+
+def test_eata_c_draws_from_its_own_seeded_generator():
+    """The same seed gives the same sub-networks whatever the global RNG; another seed other ones."""
+    model, x = small_bn_cnn(), images(seed=1)
+    torch.manual_seed(1)
+    a = make("eata-c", model, e0=10.0).step(x)
+    torch.manual_seed(2)
+    b = make("eata-c", model, e0=10.0).step(x)
+    c = make("eata-c", model, e0=10.0, seed=7).step(x)
+    assert torch.equal(a.logits, b.logits) and a.loss == b.loss
+    assert not torch.equal(a.logits, c.logits)
 
 
 def test_state_of_another_model_or_method_is_refused():
     state = adapters.create("eata", small_bn_cnn(seed=0)).state_dict()
-    with pytest.raises(ValueError, match="belongs to model"):
+    with pytest.raises(adapters.IncompatibleState, match="belongs to model"):
         adapters.create("eata", small_bn_cnn(seed=1)).load_state_dict(state)
-    with pytest.raises(ValueError, match="method 'eata'"):
+    with pytest.raises(adapters.IncompatibleState, match="method 'eata'"):
         adapters.create("tent", small_bn_cnn(seed=0)).load_state_dict(state)
+
+
+def test_state_adapted_with_other_options_is_refused_naming_each_difference():
+    adapted = make("eata", small_bn_cnn(), e0=10.0)
+    adapted.step(images())
+    state = adapted.state_dict()
+    other_lr = make("eata", small_bn_cnn(), e0=10.0, lr=0.01)
+    before = params_of(other_lr)
+    with pytest.raises(adapters.IncompatibleState, match=r"lr: 0\.001 in the state, 0\.01 here"):
+        other_lr.load_state_dict(state)
+    assert all(torch.equal(v, before[k]) for k, v in params_of(other_lr).items())  # nothing was changed
+    sgd = make("eata", small_bn_cnn(), e0=10.0, optimizer="sgd", guard={"enabled": True})
+    with pytest.raises(adapters.IncompatibleState, match="optimizer: 'adam' in the state, 'sgd' here") as err:
+        sgd.load_state_dict(state)
+    assert "guard.enabled: False in the state, True here" in str(err.value)
+
+
+def test_a_state_saved_without_options_loads_keeping_the_configured_ones_or_is_refused_for_another_optimizer():
+    adapted = make("eata", small_bn_cnn(), e0=10.0)
+    adapted.step(images())
+    legacy = {k: v for k, v in adapted.state_dict().items() if k not in ("format", "options", "rng")}
+    faster = make("eata", small_bn_cnn(), e0=10.0, lr=0.01)
+    faster.load_state_dict(legacy)
+    assert all(group["lr"] == 0.01 for group in faster.optimizer.param_groups)  # not the saved 0.001
+    assert all(torch.equal(v, params_of(adapted)[k]) for k, v in params_of(faster).items())
+    faster.step(images(seed=1))  # the restored Adam moments step on
+    with pytest.raises(adapters.IncompatibleState, match="optimizer: the state holds 'adam' state"):
+        make("eata", small_bn_cnn(), e0=10.0, optimizer="sgd").load_state_dict(legacy)
 
 
 def test_fisher_penalty_gradient_pulls_parameters_back_to_the_source():

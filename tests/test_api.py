@@ -292,7 +292,8 @@ def test_v1_predict_multipart_png_and_jpeg(client, digits):
     assert body["model"] == "digits-frozen"
     first, second = body["predictions"]
     assert set(first) == {"request_id", "label", "class_name", "confidence", "entropy", "top_k", "reliable",
-                          "selected", "parameter_version"}
+                          "selected", "parameter_version", "divergence"}
+    assert first["divergence"] is None  # a frozen model has no model divergence
     assert first["label"] == y[0] and second["label"] == y[1] and first["class_name"] == str(y[0])
     assert len(first["top_k"]) == 4 and first["top_k"][0]["label"] == first["label"]
     assert first["top_k"][0]["probability"] == pytest.approx(first["confidence"])

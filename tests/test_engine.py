@@ -13,6 +13,7 @@ import adapters
 from service.engine import ModelEngine
 from service.errors import ConfigError, InvalidInput, SnapshotNotFound, UnknownRequestIds
 from service.model_sources import LoadedModel
+from service.replication_contract import StateRefused
 from service.settings import ModelConfig, Settings, load_settings
 
 CLASSES = [str(i) for i in range(10)]
@@ -255,7 +256,8 @@ def test_a_step_reports_its_prediction_before_the_weights_move():
     adapter = adapters.create("eata", small_bn_cnn(), num_classes=10, e0=10.0, redundancy_eps=2.0)
     seen = {}
 
-    def on_prediction(logits, entropy, reliable, selected):
+    def on_prediction(logits, entropy, reliable, selected, divergence):
+        seen["divergence"] = divergence  # eata has no model divergence
         seen["logits"] = logits.clone()
         seen["params"] = {n: p.detach().clone() for n, p in adapter.params.items()}
         seen["selected"] = selected.clone()
@@ -264,6 +266,7 @@ def test_a_step_reports_its_prediction_before_the_weights_move():
     result = adapter.step(images(16), on_prediction)
     assert result.updated
     assert torch.equal(seen["logits"], result.logits) and torch.equal(seen["selected"], result.selected)
+    assert seen["divergence"] is None and result.divergence is None
     assert all(torch.equal(seen["params"][n], before[n]) for n in before)  # called before the update
     assert any(not torch.equal(p, before[n]) for n, p in adapter.params.items())
 
@@ -370,3 +373,11 @@ def test_correlated_traffic_serves_robust_statistics_gates_and_lame_and_replicat
     auto = make_engine(method="eata", correlated_traffic="auto").adapter
     assert auto.options.bn_stats == "auto" and auto.options.lame.max_class_diversity == 0.7
     assert auto.switch is not None and not auto.switch.correlated
+
+
+def test_a_follower_configured_with_other_options_refuses_the_leaders_state():
+    leader = make_engine(method="eata", options={"e0": 10.0})
+    sgd = make_engine(method="eata", options={"e0": 10.0, "optimizer": "sgd"})
+    with pytest.raises(StateRefused, match="optimizer: 'adam' in the state, 'sgd' here"):
+        sgd.import_state(leader.export_state(), version=3)
+    assert sgd.adapter.stats.parameter_version == 0  # nothing taken

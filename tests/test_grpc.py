@@ -19,7 +19,8 @@ from adapters.models.digits import digits_split
 def endpoints(tmp_path_factory) -> Iterator[tuple[str, str]]:
     """(HTTP base URL, gRPC address) of one server process with both protocols on."""
     config = tmp_path_factory.mktemp("grpc") / "models.yaml"
-    config.write_text("models:\n  - name: digits-frozen\n    architecture: digits\n    method: source\n")
+    config.write_text("models:\n  - name: digits-frozen\n    architecture: digits\n    method: source\n"
+                      "  - name: digits-c\n    architecture: digits\n    method: eata-c\n")
     grpc_port = free_port()
     with running_server(config, env={"TTA_GRPC_PORT": str(grpc_port)}) as (base, _):
         yield base, f"127.0.0.1:{grpc_port}"
@@ -92,3 +93,23 @@ def test_bad_input_gets_invalid_argument_with_the_http_message(endpoints):
     with pytest.raises(triton.InferenceServerException, match="cannot be decoded"):
         client.infer("digits-frozen", [broken])
     assert client.is_server_live()  # and it keeps serving
+
+
+def test_eata_c_answers_a_divergence_output_and_other_methods_refuse_it_naming_theirs(endpoints, digits):
+    _, address = endpoints
+    x, _ = digits
+    client = triton.InferenceServerClient(address)
+    meta = client.get_model_metadata("digits-c", as_json=True)
+    assert [o["name"] for o in meta["outputs"]] == ["probabilities", "divergence"]
+    images = triton.InferInput("images", list(x.shape), "UINT8")
+    images.set_data_from_numpy(x)
+    wanted = [triton.InferRequestedOutput("probabilities"), triton.InferRequestedOutput("divergence")]
+    result = client.infer("digits-c", [images], outputs=wanted)
+    divergence = result.as_numpy("divergence")
+    assert divergence.shape == (len(x),) and divergence.dtype == np.float32
+    assert np.isfinite(divergence).all() and (divergence >= 0).all() and divergence.max() > 0
+    assert result.as_numpy("probabilities").shape == (len(x), 10)
+    with pytest.raises(triton.InferenceServerException) as refused:
+        client.infer("digits-frozen", [images], outputs=[triton.InferRequestedOutput("divergence")])
+    assert "INVALID_ARGUMENT" in str(refused.value.status())
+    assert "'eata-c' only; this model adapts with 'source'" in refused.value.message()

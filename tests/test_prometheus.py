@@ -192,6 +192,8 @@ def drive(base: str) -> None:
             body, headers = binary_request(x[i * 64 : (i + 1) * 64])
             ids += parse_response(client.post("/v2/models/digits/infer", content=body, headers=headers))[1][
                 "parameters"]["request_ids"].split(",")
+        body, headers = binary_request(x[:64])
+        assert client.post("/v2/models/digits-c/infer", content=body, headers=headers).status_code == 200
         labels = {rid: int(t) for rid, t in zip(ids, y, strict=False)}
         assert client.post("/v1/models/digits/feedback", json={"labels": labels}).status_code == 200
         assert client.post("/v2/models/no-such-model/infer", json={"inputs": []}).status_code == 404
@@ -211,7 +213,7 @@ def test_every_dashboard_and_rule_expression_returns_series(tmp_path, redis):
     config.write_text(yaml.safe_dump({"models": [{
         "name": "digits", "architecture": "digits", "method": "eata", "agreement_fraction": 1.0,
         "probe_every_s": 2, "probe_size": 200,
-    }]}))
+    }, {"name": "digits-c", "architecture": "digits", "method": "eata-c"}]}))  # EATA-C: the divergence panels
     prometheus = Prometheus(tmp_path, f"127.0.0.1:{port}").start()
     try:
         with running_server(config, env={"TTA_REDIS_URL": redis.url}, port=port) as (base, _):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
-from helpers import small_bn_cnn
+from helpers import images, small_bn_cnn
 
+import adapters
 from adapters.configure import use_batch_statistics
 from adapters.recent_statistics import RecentBatchStatistics
 
@@ -67,3 +69,22 @@ def test_paused_passes_leave_the_averages_alone():
             model(torch.rand(8, 3, 8, 8) + 5.0)  # a probe set, say: not the traffic being served
     assert recent.updates == 1
     assert all(torch.equal(a, b) for a, b in zip(means, recent.mean, strict=True))
+
+
+@pytest.mark.parametrize(("method", "backward"), [("eata-c", "full"), ("eata-c", "selected"), ("eata", "selected")])
+def test_only_the_served_forward_of_a_step_is_recorded(method, backward):
+    """EATA-C's sub-network passes and the re-forward of the selected samples answer no request: the
+    averages after a step are those of the served forward alone (they would otherwise mix in
+    statistics of a network with blocks dropped, or of a filtered subset)."""
+    x = images(16)
+    served = adapters.create(method, small_bn_cnn(), e0=10.0, backward=backward)  # every sample selected
+    reference = adapters.create(method, small_bn_cnn(), e0=10.0, backward=backward)
+    recent = RecentBatchStatistics(served.model, min_batch=8)
+    expected = RecentBatchStatistics(reference.model, min_batch=8)
+    result = served.step(x)
+    assert result.updated and int(result.selected.sum()) == 16
+    with torch.no_grad():
+        reference.model(x)  # the pass whose logits answer the batch, and nothing else
+    assert recent.updates == expected.updates == 1
+    for got, want in zip(recent.mean + recent.var, expected.mean + expected.var, strict=True):
+        torch.testing.assert_close(got, want)

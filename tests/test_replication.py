@@ -86,6 +86,23 @@ def test_snapshots_persist_in_redis_and_a_restarted_replica_resumes_them(drifted
     assert [s["name"] for s in listed["snapshots"]] == ["adapted"]
 
 
+def test_a_snapshot_adapted_with_other_options_is_refused_with_409_naming_the_difference(drifted):
+    model = unique()
+    x, _ = drifted
+    with TestClient(create_app(settings_for(model))) as client:
+        infer(client, model, x[:64])
+        assert client.post(f"/v1/models/{model}/snapshots", json={"name": "adapted"}).status_code == 201
+    with TestClient(create_app(settings_for(model, options={"lr": 0.01}, resume_snapshot="adapted"))) as client:
+        started = client.get(f"/v1/models/{model}/adaptation").json()  # resume refused: from the source
+        refused = client.post(f"/v1/models/{model}/snapshots/adapted/restore")
+        after = client.get(f"/v1/models/{model}/adaptation").json()
+    assert started["steps"] == 0 and started["health"]["parameter_drift_ratio"] == 0.0
+    assert refused.status_code == 409
+    assert "snapshot 'adapted' cannot be restored" in refused.json()["error"]
+    assert "lr: 0.001 in the state, 0.01 here" in refused.json()["error"]
+    assert after["steps"] == 0 and after["health"]["parameter_drift_ratio"] == 0.0
+
+
 def test_a_published_state_of_another_model_or_undecodable_bytes_is_refused(drifted, caplog):
     model = unique()
     connection = RedisConnection(REDIS)

@@ -154,6 +154,7 @@ def test_entries_are_answered_once_acknowledged_and_bad_ones_become_errors(r, st
     first = answered[0]
     assert first["class_name"] == first["label"] and first["consumer"] == "A" and first["model"] == "digits"
     assert 0 < float(first["confidence"]) <= 1 and float(first["entropy"]) >= 0 and int(first["parameter_version"]) >= 0
+    assert first["divergence"] == ""  # eata has no model divergence (EATA-C's is tests/test_divergence.py's)
     top = json.loads(first["top_k"])  # the same prediction shape as /v1, as text fields
     assert top[0]["label"] == int(first["label"]) and len(top) == 3 and len(first["request_id"]) == 32
     assert json.loads(by_entry[tensor_ids[3]]["meta"]) == {"camera": 3}

@@ -33,7 +33,7 @@ from service.settings import ModelConfig, Settings
 
 URL = "/v1/models/digits/stream"
 PREDICTION_FIELDS = {"seq", "id", "model", "request_id", "label", "class_name", "confidence", "entropy", "top_k",
-                     "reliable", "selected", "parameter_version"}
+                     "reliable", "selected", "parameter_version", "divergence"}
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ import torch
 from pydantic import Field
 
 from adapters.methods.eata import Eata, EataOptions
+from adapters.passes import auxiliary_pass
 from adapters.registry import register
 from adapters.subnetwork import subnetwork
 
@@ -42,6 +43,8 @@ class EataCOptions(EataOptions):
         2, ge=1, le=8, description="sub-network draws averaged for the returned confidence (the first is free: "
         "the loss's own sub-network forward; each further draw costs one no-gradient forward)",
     )
+    seed: int = Field(0, ge=0, description="seed of the adapter's own generator for sub-network draws (saved in "
+                      "state_dict, so a restored adapter draws what an uninterrupted one would)")
 
 
 def temperature_to_confidence(logits: torch.Tensor, target: torch.Tensor, iters: int = 30) -> torch.Tensor:
@@ -66,25 +69,27 @@ def temperature_to_confidence(logits: torch.Tensor, target: torch.Tensor, iters:
 class EataC(Eata):
     name = "eata-c"
     traceable = False  # answers come from its own calibration of full and sub-network passes
+    reports_divergence = True
     Options = EataCOptions
     options: EataCOptions
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._sub_logits: torch.Tensor | None = None
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(self.options.seed)
 
     def sub_forward(self, x: torch.Tensor) -> torch.Tensor:
-        with subnetwork(self.model, self.options.drop_prob):
+        """A random sub-network's logits; an auxiliary pass (it answers no request on its own)."""
+        with subnetwork(self.model, self.options.drop_prob, self.generator), auxiliary_pass(self.model):
             return self.model(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Full-network logits; the sub-network's logits on the same batch are kept for loss/calibration.
-
-        Without gradient and with ``confidence='full'`` nothing needs them, so no sub-network runs.
-        """
+        """Full-network logits; the sub-network's logits on the same batch are kept for the loss, the
+        calibration and the per-sample divergence (every prediction carries it, so the sub-network runs
+        even without gradient and with ``confidence='full'``)."""
         logits = self.model(x)
-        needed = torch.is_grad_enabled() or self.options.confidence == "subnetwork"
-        self._sub_logits = self.sub_forward(x) if needed else None
+        self._sub_logits = self.sub_forward(x)  # the loss, the calibration and the divergence read it
         return logits
 
     def calibrate(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -98,6 +103,17 @@ class EataC(Eata):
             full_prob = logits.softmax(1).gather(1, label).squeeze(1)
             return temperature_to_confidence(logits, (full_prob + sub_prob) / 2)
 
+    def model_divergence(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """Model uncertainty per sample: KL(p_full || p_sub) in nats, the loss's own KL term before its
+        batch mean, between the full network's (uncalibrated) prediction and the sub-network drawn for
+        this batch. 0 where dropping blocks changes nothing; it grows where the prediction rests on
+        fragile features, as under a distribution shift (docs/benchmarks.md)."""
+        if self._sub_logits is None or self._sub_logits.shape[0] != logits.shape[0]:
+            return None
+        log_full = logits.detach().float().log_softmax(1)
+        log_sub = self._sub_logits.detach().float().log_softmax(1)
+        return (log_full.exp() * (log_full - log_sub)).sum(1).clamp_min(0.0)
+
     def loss(self, x: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         full = logits[mask]
         sub = self._sub_logits[mask]
@@ -109,4 +125,12 @@ class EataC(Eata):
         return min_max_entropy + self.options.kl_weight * kl + self.fisher_penalty()
 
     def reset_extra(self) -> None:
+        """A reset adapter draws what a fresh one would: the generator starts again from the seed."""
         self._sub_logits = None
+        self.generator.manual_seed(self.options.seed)
+
+    def rng_state(self) -> torch.Tensor:
+        return self.generator.get_state()
+
+    def load_rng_state(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state.cpu())

@@ -15,6 +15,8 @@ class SkippableResidual(nn.Module):
     """Mixin for residual blocks: ``drop_prob > 0`` drops the branch per sample (no rescaling)."""
 
     drop_prob: float = 0.0
+    #: The generator the drops draw from (set by :func:`adapters.subnetwork.subnetwork`); None: torch's global one.
+    drop_generator: torch.Generator | None = None
 
     def drop_branch(self, branch: torch.Tensor) -> torch.Tensor:
         """Zero the residual branch of each sample with probability ``drop_prob``.
@@ -24,5 +26,5 @@ class SkippableResidual(nn.Module):
         """
         if self.drop_prob <= 0.0:
             return branch
-        keep = torch.rand(branch.shape[0], device=branch.device) >= self.drop_prob
+        keep = torch.rand(branch.shape[0], device=branch.device, generator=self.drop_generator) >= self.drop_prob
         return branch * keep.to(branch.dtype).view(-1, *([1] * (branch.dim() - 1)))

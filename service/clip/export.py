@@ -35,6 +35,7 @@ from service.clip.manifest import (
     sha256_file,
 )
 from service.clip.towers import l2_normalize, make_session, tokenize_with
+from service.onnx_export import exporting
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,7 @@ def export_onnx(
 ) -> None:
     """Trace ``module`` to ``path`` with a dynamic batch axis (the legacy exporter: no onnxscript needed)."""
     axes = {name: {0: "batch"} for name in [*input_names, output_name]}
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # tracer warnings about Python branches on shapes, deprecation notes
+    with exporting():
         torch.onnx.export(
             module.eval(), example, str(path), input_names=input_names, output_names=[output_name],
             dynamic_axes=axes, opset_version=opset, dynamo=False, do_constant_folding=True,

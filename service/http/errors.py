@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service.errors import (
     ImageTooLarge,
     InvalidInput,
+    SnapshotIncompatible,
     SnapshotNotFound,
     StoreUnavailable,
     UnknownModel,
@@ -96,6 +97,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def snapshot_missing(request: Request, exc: SnapshotNotFound) -> JSONResponse:
         model = request.path_params.get("name", "")
         return error_response(404, f"no snapshot named {exc.args[0]!r} for model {model!r}")
+
+    @app.exception_handler(SnapshotIncompatible)
+    async def snapshot_incompatible(request: Request, exc: SnapshotIncompatible) -> JSONResponse:
+        return error_response(409, str(exc))
 
     @app.exception_handler(StoreUnavailable)
     async def store_unavailable(request: Request, exc: StoreUnavailable) -> JSONResponse:

@@ -62,6 +62,10 @@ class PredictionOut(BaseModel):
     reliable: bool | None = Field(description="entropy below the method's threshold E0 (null: no threshold)")
     selected: bool | None = Field(description="used for the update (null: decided later, off the request path)")
     parameter_version: int = Field(description="version of the adapted weights that answered")
+    divergence: float | None = Field(
+        None, description="model uncertainty (EATA-C): KL from the full network's prediction to a sub-network's, "
+        "nats; rises under distribution shift (null: the method has none, or the frozen model answered)",
+    )
 
 
 class PredictResponse(BaseModel):

@@ -11,6 +11,7 @@ size. Output: ``probabilities`` FP32 [N, C].
 from __future__ import annotations
 
 import json
+import math
 import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -22,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from service.engine import EngineRegistry, ModelEngine, Prediction
 from service.http.dependencies import AppSettings, Engine, ReadyEngine
 from service.http.errors import ApiError, BodyTooLarge, bad_request_from
-from service.predictions import classification_strings, probability_matrix
+from service.predictions import classification_strings, divergence_vector, probability_matrix
 from service.preprocess import (
     BYTES,
     FP32,
@@ -38,6 +39,7 @@ from service.preprocess import (
 from service.settings import Settings
 from service.tracing import span
 from service.v2_protocol import (
+    DIVERGENCE_OUTPUT,
     EXTENSIONS,
     INPUT_NAME,
     OUTPUT_NAME,
@@ -176,7 +178,9 @@ def model_metadata(engine: ModelEngine) -> ModelMetadata:
         versions=[VERSION],
         platform=PLATFORM,
         inputs=[TensorMetadata(name=INPUT_NAME, datatype=FP32, shape=[-1, c, h, w])],
-        outputs=[TensorMetadata(name=OUTPUT_NAME, datatype=FP32, shape=[-1, len(engine.classes)])],
+        outputs=[TensorMetadata(name=OUTPUT_NAME, datatype=FP32, shape=[-1, len(engine.classes)])]
+        + ([TensorMetadata(name=DIVERGENCE_OUTPUT, datatype=FP32, shape=[-1])]
+           if engine.adapter.reports_divergence else []),
     )
 
 
@@ -257,7 +261,7 @@ async def run_inference(engine: ModelEngine, body: bytes, header_length: str | N
                 )
             else:
                 images = input_tensor(req, binary, engine.input_shape)
-            outputs = requested_outputs(req)
+            outputs = requested_outputs(req, engine)
         predictions = await engine.predict(images)
         with span("encode"):
             return infer_response(engine, req, predictions, outputs)
@@ -354,15 +358,17 @@ class Output:
     classification: int | None = None
 
 
-def requested_outputs(req: InferRequest) -> list[Output]:
-    """The outputs to return; 400 for an output the model lacks or a bad ``classification`` count."""
+def requested_outputs(req: InferRequest, engine: ModelEngine) -> list[Output]:
+    """The outputs to return; 400 for an output the model lacks (``divergence`` of a method without one) or
+    a bad ``classification`` count."""
     default_binary = bool((req.parameters or {}).get("binary_data_output", False))
     if not req.outputs:
         return [Output(OUTPUT_NAME, default_binary)]
     result = []
     for out in req.outputs:
         parameters = out.parameters or {}
-        top = check_output(out.name, parameters.get("classification"))
+        top = check_output(out.name, parameters.get("classification"), engine.config.method,
+                           engine.adapter.reports_divergence)
         result.append(Output(out.name, bool(parameters.get("binary_data", default_binary)), top))
     return result
 
@@ -383,9 +389,15 @@ def infer_response(
     }
     blobs: list[bytes] = []
     header["outputs"] = []
+    entry: dict[str, Any]
     for out in outputs:
-        if out.classification is None:
-            entry: dict[str, Any] = {"name": out.name, "datatype": FP32, "shape": shape}
+        if out.name == DIVERGENCE_OUTPUT:  # NaN (JSON null) for an answer of the frozen fallback
+            divergence = divergence_vector(predictions)
+            entry = {"name": out.name, "datatype": FP32, "shape": [len(predictions)]}
+            raw, values = (divergence.tobytes(), None) if out.binary else (
+                b"", [None if math.isnan(v) else v for v in divergence.tolist()])
+        elif out.classification is None:
+            entry = {"name": out.name, "datatype": FP32, "shape": shape}
             raw, values = (probs.tobytes(), None) if out.binary else (b"", probs.ravel().tolist())
         else:
             top = min(out.classification, len(engine.classes))
