@@ -25,16 +25,16 @@ from adapters.configure import (
     require_norm_layers,
     use_batch_statistics,
 )
-from adapters.correlation import ClassMixMonitor, CorrelationSwitch, SwitchOptions
+from adapters.correlation import ClassMixMonitor, CorrelationSwitch, SwitchOptions, class_diversity
 from adapters.guard import MANUAL, CollapseGuard, CollapseGuardOptions
 from adapters.lame import LameOptions, PenultimateFeatures, lame
 from adapters.passes import auxiliary_pass
 from adapters.prob_cache import InProcessProbabilityCache, ProbabilityCache
 from adapters.robust_norm import (
     StatisticsMode,
-    blended,
     commit,
     load_statistics_state,
+    probing,
     recording,
     statistics_state,
     use_robust_statistics,
@@ -292,21 +292,17 @@ class Adapter:
         return self.switch.correlated
 
     def _judge_traffic(self, x: torch.Tensor, served: torch.Tensor, gated: bool) -> float:
-        """The batch's relative class diversity, from predictions made with the moving average: the served
-        ones when they were (correlated mode), else a no-gradient re-prediction of ``probe_images`` of
-        the batch. Feeds the switch; returns the score the gates use."""
+        """Feed the correlation switch (``bn_stats='auto'``) a probe of this batch, and return the batch's
+        relative class diversity for the gates (1.0 when they do not act)."""
         switch = self.switch
-        if switch is None:
-            return self.class_mix.observe(served) if self.watches_class_mix else 1.0
-        if gated or x.shape[0] < AUTO_MIN_BATCH:
-            diversity = self.class_mix.observe(served)
-        elif not switch.probe_due():
-            return 1.0
-        else:
-            with torch.no_grad(), blended(self.robust_layers, 0.0):
+        if switch is not None and x.shape[0] >= AUTO_MIN_BATCH and switch.probe_due():
+            batch_layers = max(1, round(switch.options.batch_layers * len(self.robust_layers)))
+            with torch.no_grad(), probing(self.robust_layers, batch_layers), auxiliary_pass(self.model):
                 probe = self.model(x[: switch.options.probe_images])
-            diversity = self.class_mix.observe(probe)
-        switch.observe(diversity)
+            switch.observe(class_diversity(probe))
+        if not self.watches_class_mix:
+            return 1.0
+        diversity = self.class_mix.observe(served)  # observed while i.i.d. too: the reference stays warm
         return diversity if gated else 1.0
 
     def step(self, x: torch.Tensor, on_prediction: PredictionCallback | None = None) -> StepResult:

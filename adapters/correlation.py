@@ -89,13 +89,15 @@ class SwitchOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    enter: float = Field(0.8, ge=0, le=1, description="smoothed class diversity below which traffic is correlated")
-    leave: float = Field(0.9, ge=0, le=1, description="smoothed class diversity above which it is i.i.d. again")
-    smoothing: float = Field(0.8, ge=0, lt=1, description="weight of the old smoothed score per batch")
-    probe_images: int = Field(
-        64, ge=2, description="while i.i.d.: images of a batch re-predicted with the moving average to judge it"
+    enter: float = Field(0.8, ge=0, le=1, description="smoothed probe diversity below which traffic is correlated")
+    leave: float = Field(0.85, ge=0, le=1, description="smoothed probe diversity above which it is i.i.d. again")
+    smoothing: float = Field(0.5, ge=0, lt=1, description="weight of the old smoothed score per probe")
+    batch_layers: float = Field(
+        0.5, gt=0, lt=1, description="share of the BatchNorm layers (the shallow ones) the probe normalises with "
+        "the batch; the rest use the source statistics"
     )
-    probe_every: int = Field(1, ge=1, description="while i.i.d.: re-predict every this many batches")
+    probe_images: int = Field(64, ge=2, description="images of a batch the probe re-predicts")
+    probe_every: int = Field(1, ge=1, description="probe every this many adaptation steps")
 
     @model_validator(mode="after")
     def _hysteresis(self) -> SwitchOptions:
@@ -109,11 +111,13 @@ class CorrelationSwitch:
 
     Why per stream: a camera that sends one kind of object at a time does so for long stretches, and a
     server that serves i.i.d. traffic keeps doing so; only the mode's changes need detecting. The score
-    is the relative class diversity (:class:`ClassMixMonitor`) of predictions made with the *moving
-    average* statistics, never of batch-statistics predictions: a one-class batch normalised with its
-    own statistics loses its class signal and its predictions look diverse, so judging those would keep
-    the switch on the failing side. The score is smoothed over batches, and the two thresholds
-    (``enter`` < ``leave``) keep a single odd batch from flipping the mode.
+    is the class diversity (:func:`class_diversity`) of a *probe*: the batch re-predicted without
+    gradient, its shallow BatchNorm layers normalised with the batch and its deep ones with the source
+    statistics (:func:`adapters.robust_norm.probing`). Neither the served predictions would do: with
+    batch statistics a one-class batch loses its class signal and looks diverse; with source (or
+    slowly moving) statistics a new corruption makes an i.i.d. batch collapse onto a few classes and
+    look correlated. The probe sees through both. The score is smoothed over probes, and the two
+    thresholds (``enter`` < ``leave``) keep a single odd batch from flipping the mode.
     """
 
     def __init__(self, options: SwitchOptions) -> None:
@@ -121,15 +125,15 @@ class CorrelationSwitch:
         self.smoothed = 1.0
         self.correlated = False
         self.switches = 0
-        self._batches = 0
+        self._steps = 0
 
     def probe_due(self) -> bool:
-        """While i.i.d.: whether this batch is one to re-predict (every ``probe_every``-th)."""
-        self._batches += 1
-        return self._batches % self.options.probe_every == 0
+        """Whether this adaptation step is one to probe (every ``probe_every``-th)."""
+        self._steps += 1
+        return self._steps % self.options.probe_every == 0
 
     def observe(self, diversity: float) -> bool:
-        """Add one batch's relative class diversity; returns whether traffic is now judged correlated."""
+        """Add one probe's class diversity; returns whether traffic is now judged correlated."""
         opts = self.options
         self.smoothed = opts.smoothing * self.smoothed + (1 - opts.smoothing) * diversity
         now = self.smoothed < opts.enter if not self.correlated else self.smoothed <= opts.leave

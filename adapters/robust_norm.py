@@ -63,6 +63,9 @@ class RobustBatchNorm(nn.BatchNorm2d):
         self.blend = momentum
         #: Weight of the batch in the moving average (``ema``; 0 for ``mix``, which keeps no average).
         self.momentum = momentum
+        #: Normalise with the source statistics alone (the correlation probe's deep layers; see
+        #: :func:`probing`).
+        self.use_source = False
         #: The next forward in batch mode computes the moving average's next value (``ema`` only) into
         #: ``pending``, then this turns off; :func:`commit` stores it, or the adapter drops it.
         self.armed = False
@@ -75,9 +78,11 @@ class RobustBatchNorm(nn.BatchNorm2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
-        if self.training and self.blend >= 1.0:
+        if self.use_source:
+            mean, var = self.source_mean.to(x.device), self.source_var.to(x.device)
+        elif self.training and self.blend >= 1.0:
             return self._batch_forward(x)
-        if self.training:
+        elif self.training:
             dims = [0, *range(2, x.dim())]
             # alpha-BN mixes the unbiased batch variance, RBN the biased one (as in their references).
             batch_var, batch_mean = torch.var_mean(x, dims, correction=1 if self.mode == "mix" else 0)
@@ -179,13 +184,18 @@ def load_statistics_state(layers: list[RobustBatchNorm], state: list[tuple[torch
 
 
 @contextmanager
-def blended(layers: list[RobustBatchNorm], blend: float) -> Iterator[None]:
-    """Inside, every layer normalises with ``blend`` of the batch (1: the batch alone, 0: the average)."""
-    before = [layer.blend for layer in layers]
-    for layer in layers:
-        layer.blend = blend
+def probing(layers: list[RobustBatchNorm], batch_layers: int) -> Iterator[None]:
+    """Inside, the first ``batch_layers`` layers normalise with the batch alone and the rest with the
+    source statistics: the correlation probe of :class:`adapters.correlation.CorrelationSwitch`.
+
+    Why this split: a corruption changes low-level statistics, which the shallow layers' batch
+    statistics undo for any class mix; the classes live in the deep layers, whose fixed source
+    statistics keep a one-class batch looking like one class (measured: docs/benchmarks.md)."""
+    before = [(layer.blend, layer.use_source) for layer in layers]
+    for i, layer in enumerate(layers):
+        layer.blend, layer.use_source = 1.0, i >= batch_layers
     try:
         yield
     finally:
-        for layer, value in zip(layers, before, strict=True):
-            layer.blend = value
+        for layer, (blend, use_source) in zip(layers, before, strict=True):
+            layer.blend, layer.use_source = blend, use_source

@@ -47,6 +47,8 @@ class HealthSnapshot:
     mean_confidence_ratio: float | None
     mean_divergence_nats: float | None
     batch_distinct_classes_ratio: float | None
+    traffic_correlated: bool | None
+    traffic_class_diversity_ratio: float | None
     parameter_drift_ratio: float
     parameter_version: int
     source_agreement_up: bool | None
@@ -187,6 +189,13 @@ class HealthMonitor:
             "probe_last_evaluation_timestamp_seconds": r.evaluated_at,
         }
 
+    def _switch_summary(self) -> dict[str, Any]:
+        """What ``correlated_traffic: auto`` decided (None without its switch)."""
+        switch = self.adapter.switch
+        if switch is None:
+            return {"traffic_correlated": None, "traffic_class_diversity_ratio": None}
+        return {"traffic_correlated": switch.correlated, "traffic_class_diversity_ratio": switch.smoothed}
+
     # ------------------------------------------------------------------ the snapshot
     def snapshot(self, queue_depth_images: int = 0) -> HealthSnapshot:
         """Thread-safe and cheap (no model work): the collector calls it at every scrape."""
@@ -198,6 +207,7 @@ class HealthMonitor:
             entropy_margin_nats=self.adapter.e0,
             **self.window.summary(),
             mean_divergence_nats=self.divergence.mean(),
+            **self._switch_summary(),
             parameter_drift_ratio=self._drift,
             parameter_version=stats.parameter_version,
             **(self.agreement.summary() if self.agreement is not None else _NO_AGREEMENT),

@@ -187,6 +187,11 @@ _HEALTH_GAUGES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("batch_distinct_classes_ratio", "distinct predicted classes per served batch over the number expected for "
      "shuffled traffic with the same class mix, mean of recent batches (about 1: shuffled; about 1/k: each batch "
      "holds one of k classes, i.e. class-correlated traffic)", MODEL_METHOD),
+    ("traffic_correlated", "1: correlated_traffic 'auto' judges the traffic class-correlated and serves robust "
+     "statistics, the update gate and gated LAME; 0: i.i.d., served as the papers", MODEL_METHOD),
+    ("traffic_class_diversity_ratio", "correlated_traffic 'auto': smoothed class diversity of its probe (the batch "
+     "with shallow batch and deep source statistics); below 0.8 it switches to correlated, above 0.85 back",
+     MODEL_METHOD),
     ("mean_divergence_nats", "mean model divergence (KL full network -> sub-network, nats) over the recent "
      "predictions of the health window (EATA-C only)", MODEL_METHOD),
     ("prediction_window_samples", "served predictions in the recent-prediction window", MODEL_METHOD),
