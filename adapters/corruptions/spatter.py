@@ -78,7 +78,7 @@ def chamfer_distance(edges: np.ndarray) -> np.ndarray:
     minimum, so each row is one vectorised step over the whole batch. No edge: infinite.
     """
     a, b, c = CHAMFER
-    n, h, w = edges.shape
+    _, h, w = edges.shape
     d = np.where(edges, 0.0, np.inf)
     ramp = a * np.arange(w)
     for rows, step in ((range(h), 1), (range(h - 1, -1, -1), -1)):
