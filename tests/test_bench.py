@@ -395,3 +395,17 @@ def test_mixed_protocol_takes_the_correlated_orders(cifar10, resnet20_weights, c
     assert list(dict.fromkeys(seen)) == [s["label"] for s in result.config["segments"]]
     # Norm normalises with each batch's statistics: single-class batches wreck it on clean images too.
     assert result.runs[0].kinds["clean"]["error"] > shuffled.runs[0].kinds["clean"]["error"] + 10
+
+
+def test_calibration_sweep_names_its_data_and_its_variants():
+    """The sweep tunes on the validation corruptions by default, and no variant leans on a default."""
+    from adapters.corruptions import CORRUPTIONS, VALIDATION_CORRUPTIONS
+    from benchmarks import sweep
+
+    assert sweep.corruption_names(sweep.DEFAULT_CORRUPTIONS["calibration"]) == VALIDATION_CORRUPTIONS
+    assert "spatter" in VALIDATION_CORRUPTIONS
+    assert sweep.corruption_names("reported") == CORRUPTIONS
+    assert sweep.corruption_names("fog, snow") == ("fog", "snow")
+    for label, method, options in sweep.SWEEPS["calibration"]:
+        if method == "eata-c" and options.get("confidence") != "full":
+            assert "confidence_samples" in options, label
