@@ -144,7 +144,7 @@ def test_parse_set_values():
         (["--order", "correlated", "--dirichlet", "0.1"], "not both"),
         (["--protocol", "mixed", "--severity", "3"], "drop --severity"),
         (["--protocol", "mixed", "--cifar10c-dir", "."], "corrupts on the fly"),
-        (["--protocol", "mixed", "--limit", "20000"], "at least that many clean images"),
+        (["--protocol", "mixed", "--limit", "20000"], "20000"),
     ],
 )
 def test_bad_arguments_fail_clearly(args, expected, cifar10, resnet20_weights, tmp_path):
