@@ -18,10 +18,12 @@ DEFAULT_METHODS = "source,norm,tent,eata,eata-c"
 
 
 class Protocol(StrEnum):
-    """continual: the 15 corruptions in spec order, never reset; reset: reset before each corruption."""
+    """continual: the 15 corruptions in spec order, never reset; reset: reset before each corruption;
+    mixed: clean, each corruption at severities 1,2,3,4,5,4,3,2,1, clean again (benchmarks.mixed)."""
 
     continual = "continual"
     reset = "reset"
+    mixed = "mixed"
 
 
 class StreamOrder(StrEnum):
@@ -92,9 +94,16 @@ def bench(
     methods: Annotated[str, typer.Option(help="comma-separated adaptation methods, run in this order")] = (
         DEFAULT_METHODS
     ),
-    severity: Annotated[int, typer.Option(min=1, max=5, help="corruption severity 1-5")] = 5,
+    severity: Annotated[
+        int | None, typer.Option(min=1, max=5, help="corruption severity 1-5 (default 5; not with --protocol mixed)")
+    ] = None,
     protocol: Annotated[
-        Protocol, typer.Option(help="continual: never reset; reset: reset the adapter before each corruption")
+        Protocol,
+        typer.Option(
+            help="continual: never reset; reset: reset the adapter before each corruption; mixed: clean, every "
+            "corruption at severities 1,2,3,4,5,4,3,2,1, clean again, never reset (--limit = images per segment, "
+            "default 1000)"
+        ),
     ] = Protocol.continual,
     order: Annotated[
         StreamOrder,
@@ -106,7 +115,10 @@ def bench(
                      "ALPHA > 0; 0.1 is strongly correlated"),
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="images per adaptation step")] = 200,
-    limit: Annotated[int | None, typer.Option(min=1, help="use the first N images of each corruption")] = None,
+    limit: Annotated[
+        int | None,
+        typer.Option(min=1, help="use the first N images of each corruption (mixed: N images per segment)"),
+    ] = None,
     seed: Annotated[int, typer.Option(min=0, help="corruption and torch seed")] = 0,
     fisher_size: Annotated[
         int, typer.Option(min=1, help="clean images (the first N) to estimate EATA's Fisher information")
@@ -142,7 +154,13 @@ def bench(
         typer.Option("--set", help="METHOD.OPTION=VALUE, repeatable, e.g. --set eata.lr=0.001"),
     ] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="write the results JSON here")] = None,
-    plot: Annotated[Path | None, typer.Option(help="draw error per corruption for all methods (PNG)")] = None,
+    plot: Annotated[
+        Path | None, typer.Option(help="draw error per corruption (mixed: per segment) for all methods (PNG)")
+    ] = None,
+    reliability: Annotated[
+        Path | None,
+        typer.Option(help="draw reliability diagrams (accuracy against confidence) per segment kind and method (PNG)"),
+    ] = None,
     threads: Annotated[int | None, typer.Option(min=1, help="torch.set_num_threads")] = None,
     forward_batches: Annotated[
         int, typer.Option(min=1, help="batches timed for the 'forward only' reference row")
@@ -161,11 +179,18 @@ def bench(
     method_list = _split(methods) or ()
     if not method_list:
         raise typer.BadParameter("give at least one method", param_hint="--methods")
-    if plot is not None:
+    if severity is not None and protocol == Protocol.mixed:
+        raise typer.BadParameter(
+            "--protocol mixed runs severities 1,2,3,4,5,4,3,2,1 per corruption; drop --severity",
+            param_hint="--severity",
+        )
+    for flag, path in (("--plot", plot), ("--reliability", reliability)):
+        if path is None:
+            continue
         try:
             report.require_matplotlib()
         except report.PlotUnavailableError as exc:
-            raise typer.BadParameter(str(exc), param_hint="--plot") from None
+            raise typer.BadParameter(str(exc).replace("--plot", flag), param_hint=flag) from None
     try:
         runner.resolve_options(method_list, overrides)
     except AdapterConfigError as exc:
@@ -190,7 +215,7 @@ def bench(
         model=model,
         methods=method_list,
         options=overrides,
-        severity=severity,
+        severity=5 if severity is None else severity,
         protocol=protocol.value,  # type: ignore[arg-type]
         order="dirichlet" if dirichlet is not None else order.value,  # type: ignore[arg-type]
         dirichlet_alpha=dirichlet,
@@ -223,6 +248,9 @@ def bench(
     if plot is not None:
         report.plot_errors(result, plot)
         typer.echo(f"plot written to {plot}", err=True)
+    if reliability is not None:
+        report.plot_reliability(result, reliability)
+        typer.echo(f"reliability diagrams written to {reliability}", err=True)
 
 
 def _group() -> None:

@@ -2,9 +2,10 @@
 
 One run per method: seed torch, build the adapter from the source model, feed the corruptions in the
 spec order one batch at a time (``continual`` never resets, ``reset`` restores the source before each
-corruption), score the *pre-update* predictions the adapter returns (error and ECE), then measure the
-clean accuracy of the adapted model (forgetting). No CLI code lives here: ``benchmarks.cli`` parses
-arguments into a :class:`BenchConfig` and ``benchmarks.report`` formats the :class:`BenchResult`.
+corruption, ``mixed`` runs the clean/rising/falling stream of :mod:`benchmarks.mixed` without reset),
+score the *pre-update* predictions the adapter returns (error and ECE), then measure the clean accuracy
+of the adapted model (forgetting). No CLI code lives here: ``benchmarks.cli`` parses arguments into a
+:class:`BenchConfig` and ``benchmarks.report`` formats the :class:`BenchResult`.
 
 Data comes either from a clean npz corrupted on the fly (``adapters.corruptions``, cached on disk)
 or from a directory in the published CIFAR-10-C layout; see :func:`load_cifar10c`.
@@ -27,10 +28,11 @@ from torch import nn
 import adapters
 from adapters.datasets import DataFileError, load_images, to_tensor
 from adapters.models import CIFAR_RESNETS, build_cifar_resnet
+from benchmarks import mixed
 from benchmarks.streams import ORDERS, Order, stream_order
 
-Protocol = Literal["continual", "reset"]
-PROTOCOLS: tuple[str, ...] = ("continual", "reset")
+Protocol = Literal["continual", "reset", "mixed"]
+PROTOCOLS: tuple[str, ...] = ("continual", "reset", "mixed")
 DEFAULT_METHODS: tuple[str, ...] = ("source", "norm", "tent", "eata", "eata-c")
 #: Rows per severity block of a published CIFAR-10-C file. A ``<corruption>.npy`` with exactly
 #: ``5 * CIFAR10C_SEVERITY_ROWS`` rows holds severities 1-5 in consecutive blocks; a file with any
@@ -102,6 +104,9 @@ class RunResult:
     ece_pooled: float
     forgetting: float
     resets: dict[str, int]
+    #: Per segment kind (``clean``, ``sev 1-3``, ``sev 4-5``): error, ECE and samples over the kind's
+    #: images pooled, and the 15 ECE bins (count, summed confidence, summed correct) for reliability plots.
+    kinds: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -338,8 +343,12 @@ def run_method(
     options: Mapping[str, Any],
     fisher: adapters.FisherInfo | None = None,
     progress: ProgressHook | None = None,
+    kinds: Mapping[str, str] | None = None,
 ) -> tuple[RunResult, dict[str, Any]]:
     """One method over the stream; returns its result and ``adapter.describe()`` (effective options).
+
+    ``kinds`` maps stream names to a reporting group (:func:`benchmarks.mixed.kind_of`); each group's
+    predictions are pooled into one calibration accumulator.
 
     Torch is seeded before the run (and, under ``reset``, again before each corruption) so a number
     never depends on which methods or corruptions ran before it.
@@ -350,6 +359,7 @@ def run_method(
     errors: dict[str, float] = {}
     eces: dict[str, float] = {}
     pooled = adapters.CalibrationAccumulator()
+    groups: dict[str, adapters.CalibrationAccumulator] = {}
     seconds = 0.0
     samples = 0
     for index, (name, (x, y)) in enumerate(streams.items()):
@@ -357,12 +367,15 @@ def run_method(
             adapter.reset()
             torch.manual_seed(seed)
         calib = adapters.CalibrationAccumulator()
+        group = None if kinds is None else groups.setdefault(kinds[name], adapters.CalibrationAccumulator())
         for images, labels in batches(x, y, batch_size):
             start = time.perf_counter()
             logits = adapter.step(images).logits.detach().cpu()
             seconds += time.perf_counter() - start
             calib.add_logits(logits, labels)
             pooled.add_logits(logits, labels)
+            if group is not None:
+                group.add_logits(logits, labels)
             if progress is not None:
                 progress(method, name, len(labels))
         samples += calib.samples
@@ -384,8 +397,23 @@ def run_method(
         ece_pooled=pooled.ece(),
         forgetting=adapters.forgetting(after, source_accuracy),
         resets={k: v for k, v in adapter.stats.resets.items() if k != "manual"},
+        kinds={kind: _kind_record(groups[kind]) for kind in mixed.KINDS if kind in groups},
     )
     return result, adapter.describe()
+
+
+def _kind_record(calib: adapters.CalibrationAccumulator) -> dict[str, Any]:
+    """Error, ECE, samples and the raw bins of one segment kind (JSON-ready)."""
+    return {
+        "error": 100.0 - calib.accuracy(),
+        "ece": calib.ece(),
+        "samples": calib.samples,
+        "bins": {
+            "count": calib.count.tolist(),
+            "confidence": calib.confidence.tolist(),
+            "correct": calib.correct.tolist(),
+        },
+    }
 
 
 def run_benchmark(
@@ -413,6 +441,13 @@ def run_benchmark(
         raise BenchError(f"the dirichlet order needs alpha > 0, got {config.dirichlet_alpha}", "--dirichlet")
     options = resolve_options(config.methods, config.options)
     names = resolve_corruptions(config.corruptions)
+    is_mixed = config.protocol == "mixed"
+    if is_mixed and config.cifar10c_dir is not None:
+        raise BenchError(
+            "--protocol mixed corrupts on the fly (each segment its own images and seed); "
+            "drop --cifar10c-dir (or unset TTA_CIFAR10C_DIR)",
+            "--cifar10c-dir",
+        )
     if config.cifar10c_dir is not None:
         check_cifar10c_dir(config.cifar10c_dir, names)
     if config.threads is not None:
@@ -420,9 +455,21 @@ def run_benchmark(
     model = load_model(config.model, config.weights)
     clean_x, clean_y = load_clean(config.clean_data)
     eval_clean = (clean_x[: config.limit], clean_y[: config.limit])
-    streams = load_streams(config, names, (clean_x, clean_y), progress=progress)
-    streams = order_streams(streams, config.order, config.seed, config.dirichlet_alpha)
     cache = config.cache_dir or default_cache_dir()
+    segments: list[mixed.Segment] = []
+    if is_mixed:
+        segments = mixed.schedule(names)
+        segment_size = config.limit or mixed.DEFAULT_SEGMENT_SIZE
+        try:
+            streams = mixed.load_segments(segments, (clean_x, clean_y), segment_size, config.seed, cache, progress)
+        except ValueError as exc:
+            raise BenchError(str(exc), "--limit") from None
+        eval_clean = (clean_x[:segment_size], clean_y[:segment_size])
+        kinds = {segment.label: segment.kind for segment in segments}
+    else:
+        streams = load_streams(config, names, (clean_x, clean_y), progress=progress)
+        kinds = dict.fromkeys(names, mixed.kind_of(config.severity))
+    streams = order_streams(streams, config.order, config.seed, config.dirichlet_alpha)
 
     fisher = None
     fisher_images = clean_x[: config.fisher_size]
@@ -466,7 +513,12 @@ def run_benchmark(
             "cifar10c_dir": None if config.cifar10c_dir is None else str(config.cifar10c_dir),
             "cifar10c_severity_rows": config.cifar10c_severity_rows,
             "corruption_seed": config.seed,
-            "severity": config.severity,
+            "severity": None if is_mixed else config.severity,
+            "mixed_profile": list(mixed.PROFILE) if is_mixed else None,
+            "segments": [
+                {"label": s.label, "corruption": s.corruption, "severity": s.severity, "kind": s.kind}
+                for s in segments
+            ],
             "protocol": config.protocol,
             "order": config.order,
             "dirichlet_alpha": config.dirichlet_alpha if config.order == "dirichlet" else None,
@@ -491,7 +543,8 @@ def run_benchmark(
             "torch": torch.__version__,
             "python": platform.python_version(),
             "machine": platform.machine(),
-            "ece": "mean of per-corruption ECEs (15 equal-width bins); ece_pooled: over the whole stream",
+            "ece": "mean of per-corruption (mixed: per-segment) ECEs (15 equal-width bins); ece_pooled: over the "
+            "whole stream; kinds: pooled per segment kind",
             "wall_seconds": time.perf_counter() - wall_start,
             "partial": partial,
         }
@@ -511,8 +564,12 @@ def run_benchmark(
                 options=config.options.get(method, {}),
                 fisher=fisher,
                 progress=hook,
+                kinds=kinds,
             )
             runs.append(result)
+            if bar is not None:
+                done = ", ".join(f"{k} {v['error']:.1f}/{v['ece']:.1f}" for k, v in result.kinds.items())
+                bar.write(f"{method} done: error/ECE % {done}; {result.seconds:.0f} s adapting")
             described[method] = info
             if on_run is not None and len(runs) < len(config.methods):
                 on_run(snapshot(partial=True))

@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from adapters.corruptions import CORRUPTIONS, corrupt_dataset
-from benchmarks import report, runner
+from benchmarks import mixed, report, runner
 from benchmarks.cli import parse_set_options, parse_value
 from benchmarks.data import cifar10_test_path
 from service.cli import app
@@ -142,6 +142,9 @@ def test_parse_set_values():
         (["--order", "sorted"], "sorted"),
         (["--dirichlet", "0"], "--dirichlet"),
         (["--order", "correlated", "--dirichlet", "0.1"], "not both"),
+        (["--protocol", "mixed", "--severity", "3"], "drop --severity"),
+        (["--protocol", "mixed", "--cifar10c-dir", "."], "corrupts on the fly"),
+        (["--protocol", "mixed", "--limit", "20000"], "20000"),
     ],
 )
 def test_bad_arguments_fail_clearly(args, expected, cifar10, resnet20_weights, tmp_path):
@@ -329,3 +332,80 @@ def test_report_renders_from_json(tmp_path):
     pytest.importorskip("matplotlib")
     report.plot_errors(again, tmp_path / "r.png")
     assert (tmp_path / "r.png").stat().st_size > 1000
+
+
+# --------------------------------------------------------------------------- the mixed protocol
+def test_mixed_schedule_rises_and_falls_between_clean_segments():
+    segments = mixed.schedule(["gaussian_noise", "fog"])
+    assert [s.label for s in segments[:11]] == [
+        "clean:start",
+        *(f"gaussian_noise:{k}:up" for k in (1, 2, 3, 4)),
+        "gaussian_noise:5",
+        *(f"gaussian_noise:{k}:down" for k in (4, 3, 2, 1)),
+        "fog:1:up",
+    ]
+    assert segments[-1].label == "clean:end" and len(segments) == 2 + 2 * 9
+    assert [s.severity for s in segments[10:19]] == [1, 2, 3, 4, 5, 4, 3, 2, 1]
+    assert [s.kind for s in segments[:6]] == ["clean", "sev 1-3", "sev 1-3", "sev 1-3", "sev 4-5", "sev 4-5"]
+    # The nine segments of a corruption are different images; both clean segments are the same ones.
+    windows = [set(mixed.segment_images(s, 1000, 10_000)) for s in segments[1:10]]
+    assert all(not a & b for i, a in enumerate(windows) for b in windows[i + 1 :])
+    np.testing.assert_array_equal(
+        mixed.segment_images(segments[0], 1000, 10_000), mixed.segment_images(segments[-1], 1000, 10_000)
+    )
+
+
+def test_mixed_protocol_end_to_end(cifar10, resnet20_weights, cache, tmp_path):
+    """Tiny mixed run through the CLI: segments in order, per-kind columns, JSON, reliability plot."""
+    pytest.importorskip("matplotlib")
+    out, diagram, plot = tmp_path / "mixed.json", tmp_path / "reliability.png", tmp_path / "segments.png"
+    args = ["--weights", str(resnet20_weights), "--clean-data", str(cifar10_test_path()), "--cache-dir", str(cache)]
+    args += ["--protocol", "mixed", "--methods", "source,norm", "--corruptions", "gaussian_noise", "--limit", "20"]
+    args += ["--batch-size", "10", "--forward-batches", "1", "--json", str(out), "--reliability", str(diagram)]
+    result = _invoke(*args, "--plot", str(plot), "--quiet")
+    assert result.exit_code == 0, result.output
+    for column in ("clean error %", "clean ECE %", "sev 1-3 error %", "sev 1-3 ECE %", "sev 4-5 error %"):
+        assert column in result.stdout
+    assert "| gaussian_noise:4:down |" in result.stdout
+    data = json.loads(out.read_text())
+    labels = [s["label"] for s in data["config"]["segments"]]
+    assert labels == [s.label for s in mixed.schedule(["gaussian_noise"])]
+    assert data["config"]["severity"] is None and data["config"]["mixed_profile"] == [1, 2, 3, 4, 5, 4, 3, 2, 1]
+    source, norm = data["runs"]
+    assert list(source["errors"]) == labels and source["samples"] == 11 * 20
+    assert {k: v["samples"] for k, v in source["kinds"].items()} == {"clean": 40, "sev 1-3": 120, "sev 4-5": 60}
+    # The frozen model: both clean segments are the same images, and severe noise hurts it most.
+    assert source["errors"]["clean:start"] == source["errors"]["clean:end"]
+    assert source["kinds"]["sev 4-5"]["error"] > source["kinds"]["sev 1-3"]["error"] > source["kinds"]["clean"]["error"]
+    assert norm["kinds"]["sev 4-5"]["error"] < source["kinds"]["sev 4-5"]["error"]
+    assert sum(source["kinds"]["clean"]["bins"]["count"]) == 40
+    assert diagram.stat().st_size > 1000 and plot.stat().st_size > 1000
+
+
+def test_mixed_protocol_takes_the_correlated_orders(cifar10, resnet20_weights, cache):
+    """--order correlated sorts the images inside every segment, so norm's batches hold few classes."""
+    seen: list[str] = []
+    options = {"methods": ("norm",), "corruptions": ("fog",), "protocol": "mixed", "limit": 40, "batch_size": 8}
+    result = runner.run_benchmark(
+        _config(resnet20_weights, cache, order="correlated", **options),
+        progress_hook=lambda method, name, count: seen.append(name),
+    )
+    shuffled = runner.run_benchmark(_config(resnet20_weights, cache, **options))
+    assert result.config["order"] == "correlated"
+    assert list(dict.fromkeys(seen)) == [s["label"] for s in result.config["segments"]]
+    # Norm normalises with each batch's statistics: single-class batches wreck it on clean images too.
+    assert result.runs[0].kinds["clean"]["error"] > shuffled.runs[0].kinds["clean"]["error"] + 10
+
+
+def test_calibration_sweep_names_its_data_and_its_variants():
+    """The sweep tunes on the validation corruptions by default, and no variant leans on a default."""
+    from adapters.corruptions import CORRUPTIONS, VALIDATION_CORRUPTIONS
+    from benchmarks import sweep
+
+    assert sweep.corruption_names(sweep.DEFAULT_CORRUPTIONS["calibration"]) == VALIDATION_CORRUPTIONS
+    assert "spatter" in VALIDATION_CORRUPTIONS
+    assert sweep.corruption_names("reported") == CORRUPTIONS
+    assert sweep.corruption_names("fog, snow") == ("fog", "snow")
+    for label, method, options in sweep.SWEEPS["calibration"]:
+        if method == "eata-c" and options.get("confidence") != "full":
+            assert "confidence_samples" in options, label

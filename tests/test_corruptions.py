@@ -256,3 +256,49 @@ def test_saturate_matches_an_hsv_round_trip(images: np.ndarray) -> None:
 def test_gaussian_blur_is_the_published_filter(images: np.ndarray) -> None:
     expected = ndimage.gaussian_filter(images / 255.0, (0, 1.0, 1.0, 0), mode="nearest", truncate=4.0)
     np.testing.assert_array_equal(corrupt(images, "gaussian_blur", 5), (np.clip(expected, 0, 1) * 255).astype(np.uint8))
+
+
+# --------------------------------------------------------------------------- spatter (validation)
+def test_spatter_shape_dtype_and_seeds(images: np.ndarray) -> None:
+    for severity in corruptions.SEVERITIES:
+        batch = corrupt(images, "spatter", severity, seed=1)
+        assert batch.shape == images.shape and batch.dtype == np.uint8
+        np.testing.assert_array_equal(batch, corrupt(images, "spatter", severity, seed=1))
+        assert not np.array_equal(batch, corrupt(images, "spatter", severity, seed=2))
+        np.testing.assert_array_equal(batch[3], corrupt(images[3], "spatter", severity, seed=(1, 3)))
+
+
+def test_spatter_damage_grows_with_severity(cifar10: tuple[np.ndarray, np.ndarray]) -> None:
+    """Water (1-3) covers more of the image at each step; mud (4-5) likewise; mud is brown and opaque."""
+    x = cifar10[0][:200]
+    changed = []
+    for severity in corruptions.SEVERITIES:
+        out = corrupt(x, "spatter", severity, seed=0)
+        changed.append(float((out != x).any(axis=-1).mean()))
+        if severity <= 3:  # water only ever adds turquoise: no channel gets darker
+            assert (out.astype(int) >= x.astype(int)).all()
+    assert 0 < changed[0] < changed[1] < changed[2]
+    assert 0 < changed[3] < changed[4]
+    mud = corrupt(x, "spatter", 5, seed=0)
+    painted = (mud != x).any(axis=-1)
+    assert (np.abs(mud[painted].astype(int) - [63, 42, 20]).max(axis=-1) <= 40).mean() > 0.5
+
+
+def test_spatter_opencv_stand_ins() -> None:
+    """The chamfer distance uses OpenCV's 5x5 L2 weights; Canny finds a step edge and nothing in flat images."""
+    from adapters.corruptions.spatter import canny, chamfer_distance, equalize_hist
+
+    edges = np.zeros((1, 7, 7), dtype=bool)
+    edges[0, 3, 3] = True
+    d = chamfer_distance(edges)[0]
+    assert (d[3, 3], d[3, 4], d[4, 4], d[4, 5], d[3, 5]) == pytest.approx((0, 1, 1.4, 2.1969, 2))
+    assert np.isinf(chamfer_distance(np.zeros((1, 4, 4), dtype=bool))).all()
+    step = np.zeros((2, 16, 16), dtype=np.uint8)
+    step[0, :, 8:] = 200
+    found = canny(step)
+    assert found[0].any() and not found[1].any()
+    assert set(np.flatnonzero(found[0].any(axis=0))) <= {7, 8}  # one thin line at the step
+    flat = np.full((1, 4, 4), 9, dtype=np.uint8)
+    np.testing.assert_array_equal(equalize_hist(flat), flat)
+    ramp = np.arange(16, dtype=np.uint8).reshape(1, 4, 4)
+    assert equalize_hist(ramp).min() == 0 and equalize_hist(ramp).max() == 255
