@@ -79,6 +79,31 @@ def parse_set_options(items: list[str]) -> dict[str, dict[str, Any]]:
     return options
 
 
+class CorrelatedTrafficChoice(StrEnum):
+    auto = "auto"
+    always = "always"
+    never = "never"
+
+
+def served_overrides(
+    methods: tuple[str, ...], preset: str, overrides: dict[str, dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """``overrides`` with the server's ``correlated_traffic`` preset under them, per (known) method."""
+    import adapters
+    from service.settings import correlated_traffic_options
+
+    merged = {m: dict(o) for m, o in overrides.items()}
+    for method in methods:
+        if method not in adapters.METHODS:
+            continue  # named by the usual unknown-method error below
+        options = correlated_traffic_options(method, preset)  # type: ignore[arg-type]
+        for key, value in merged.get(method, {}).items():
+            both_dicts = isinstance(value, dict) and isinstance(options.get(key), dict)
+            options[key] = options[key] | value if both_dicts else value
+        merged[method] = options
+    return merged
+
+
 def _split(text: str | None) -> tuple[str, ...] | None:
     if text is None:
         return None
@@ -153,6 +178,13 @@ def bench(
         list[str] | None,
         typer.Option("--set", help="METHOD.OPTION=VALUE, repeatable, e.g. --set eata.lr=0.001"),
     ] = None,
+    correlated_traffic: Annotated[
+        CorrelatedTrafficChoice | None,
+        typer.Option(
+            help="apply the server's correlated_traffic preset to every method (auto: what `tta-serve serve` "
+            "runs by default; --set options win); default: the library's (the papers') options"
+        ),
+    ] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="write the results JSON here")] = None,
     plot: Annotated[
         Path | None, typer.Option(help="draw error per corruption (mixed: per segment) for all methods (PNG)")
@@ -174,9 +206,11 @@ def bench(
     from benchmarks.data import cifar10c_dir as cifar10c_folder
 
     overrides = parse_set_options(set_ or [])
+    method_list = _split(methods) or ()
+    if correlated_traffic is not None:
+        overrides = served_overrides(method_list, correlated_traffic.value, overrides)
     if dirichlet is not None and order != StreamOrder.shuffled:
         raise typer.BadParameter("give --order or --dirichlet, not both", param_hint="--dirichlet")
-    method_list = _split(methods) or ()
     if not method_list:
         raise typer.BadParameter("give at least one method", param_hint="--methods")
     if severity is not None and protocol == Protocol.mixed:

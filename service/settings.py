@@ -44,6 +44,19 @@ CORRELATED_TRAFFIC: dict[str, dict[str, dict[str, Any]]] = {
 CorrelatedTraffic = Literal["auto", "always", "never"]
 
 
+def correlated_traffic_options(method: str, value: CorrelatedTraffic) -> dict[str, Any]:
+    """The options ``correlated_traffic: value`` adds for ``method`` (the server and ``tta-serve bench
+    --correlated-traffic`` both use this; options set explicitly win over them)."""
+    spec = adapters.METHODS[method]
+    preset = CORRELATED_TRAFFIC[value]
+    options: dict[str, Any] = {}
+    if spec.uses_batch_statistics:
+        options |= preset["batch_statistics"]
+        if spec.updates_parameters:
+            options |= preset["updates"]
+    return options
+
+
 class ModelConfig(BaseModel):
     """One served model: where it comes from, how inputs are prepared, and how it adapts."""
 
@@ -195,13 +208,8 @@ class ModelConfig(BaseModel):
             return options
         if self.collapse_guard and method.updates_parameters:
             options.setdefault("guard", {"enabled": True})
-        preset = CORRELATED_TRAFFIC[self.correlated_traffic]
-        if method.uses_batch_statistics:
-            for key, value in preset["batch_statistics"].items():
-                options.setdefault(key, value)
-            if method.updates_parameters:
-                for key, value in preset["updates"].items():
-                    options.setdefault(key, value)
+        for key, value in correlated_traffic_options(self.method, self.correlated_traffic).items():
+            options.setdefault(key, value)
         return options
 
 
