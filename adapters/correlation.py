@@ -97,7 +97,7 @@ class SwitchOptions(BaseModel):
         "the batch; the rest use the source statistics"
     )
     probe_images: int = Field(64, ge=2, description="images of a batch the probe re-predicts")
-    probe_every: int = Field(1, ge=1, description="probe every this many adaptation steps")
+    probe_every: int = Field(4, ge=1, description="probe every this many adaptation steps")
 
     @model_validator(mode="after")
     def _hysteresis(self) -> SwitchOptions:
