@@ -39,7 +39,7 @@ from adapters.robust_norm import (
     statistics_state,
     use_robust_statistics,
 )
-from adapters.state_check import STATE_FORMAT, check_compatible
+from adapters.state_check import STATE_FORMAT, IncompatibleState, check_compatible, option_differences
 
 ENTROPY_EMA_MOMENTUM = 0.9
 #: ``bn_stats='auto'``: batches smaller than this normalise with the moving average even while traffic looks
@@ -510,6 +510,36 @@ class Adapter:
             "rng": self.rng_state(),
             **self.traffic_state(),
         }
+
+    def replication_state(self) -> dict[str, Any]:
+        """What a follower needs to answer as this adapter does (no counters, guard or cache): the adapted
+        parameters, the optimiser (a follower may lead next), the traffic state, and the method, model and
+        options they belong to."""
+        return {
+            "method": self.name,
+            "model_hash": self.source_hash,
+            "options": self.options.model_dump(mode="json"),
+            "params": self.adapted_parameters(),
+            "optimizer": self.optimizer.state_dict() if self.optimizer else None,
+            **self.traffic_state(),
+        }
+
+    def load_replication_state(self, state: dict[str, Any]) -> None:
+        """Load :meth:`replication_state`; raises :class:`IncompatibleState` naming what differs (e.g. Adam
+        moments for an SGD adapter, which would crash at its next step)."""
+        if state.get("method") != self.name:
+            raise IncompatibleState(f"method {state.get('method')!r} != {self.name!r}")
+        if state.get("model_hash") != self.source_hash:
+            raise IncompatibleState(f"model {state.get('model_hash')} != {self.source_hash}")
+        differences = option_differences(state.get("options") or {}, self.options.model_dump(mode="json"))
+        if "options" in state and differences:
+            raise IncompatibleState("the state was made with other options: " + "; ".join(differences))
+        try:
+            self.load_adapted_parameters(state["params"])
+            self.load_optimizer_state(state.get("optimizer"))
+            self.load_traffic_state(state)
+        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+            raise IncompatibleState(f"cannot load: {exc}") from exc
 
     def traffic_state(self) -> dict[str, Any]:
         """What the adapter learnt about the traffic rather than the weights: the robust BatchNorm moving

@@ -34,7 +34,6 @@ import numpy as np
 import torch
 
 import adapters
-from adapters.state_check import option_differences
 from service import batching
 from service.batching import PendingRequest
 from service.errors import InvalidInput, SnapshotIncompatible, SnapshotNotFound, StoreUnavailable, UnknownModel
@@ -386,31 +385,13 @@ class ModelEngine:
 
     # ------------------------------------------------------------------ replication (a ReplicatedModel)
     def export_state(self) -> dict[str, Any]:
-        adapter = self.adapter
-        return {
-            "method": adapter.name,
-            "model_hash": adapter.source_hash,
-            "options": adapter.options.model_dump(mode="json"),  # a follower configured otherwise refuses
-            "params": adapter.adapted_parameters(),
-            "optimizer": adapter.optimizer.state_dict() if adapter.optimizer else None,
-            **adapter.traffic_state(),
-        }
+        return self.adapter.replication_state()
 
     def import_state(self, state: dict[str, Any], version: int) -> None:
-        adapter = self.adapter
-        if state.get("method") != adapter.name:
-            raise StateRefused(f"method {state.get('method')!r} != {adapter.name!r}")
-        if state.get("model_hash") != adapter.source_hash:
-            raise StateRefused(f"model {state.get('model_hash')} != {adapter.source_hash}")
-        differences = option_differences(state.get("options") or {}, adapter.options.model_dump(mode="json"))
-        if "options" in state and differences:  # e.g. Adam moments for an SGD follower: it would crash leading
-            raise StateRefused("the leader adapts with other options: " + "; ".join(differences))
         try:
-            adapter.load_adapted_parameters(state["params"])
-            adapter.load_optimizer_state(state.get("optimizer"))
-            adapter.load_traffic_state(state)
-        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
-            raise StateRefused(f"cannot load: {exc}") from exc
+            self.adapter.load_replication_state(state)
+        except adapters.IncompatibleState as exc:
+            raise StateRefused(str(exc)) from exc
         self.adopt_version(version)
 
     def adopt_version(self, version: int) -> None:
