@@ -39,6 +39,7 @@ MODES = {
     "off": {"method": "source"},
     "off-onnx": {"method": "source", "runtime": "onnx"},
     "sync": {"method": "eata", "mode": "sync"},
+    "sync-papers": {"method": "eata", "mode": "sync", "correlated_traffic": "never"},
     "async": {"method": "eata", "mode": "async"},
 }
 
