@@ -146,9 +146,11 @@ class CorrelationSwitch:
         self.smoothed, self.correlated = 1.0, False
 
     def state_dict(self) -> dict[str, Any]:
-        return {"smoothed": self.smoothed, "correlated": self.correlated, "switches": self.switches}
+        return {"smoothed": self.smoothed, "correlated": self.correlated, "switches": self.switches,
+                "steps": self._steps}  # the probe cadence: a resumed adapter probes on the same steps
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.smoothed = float(state.get("smoothed", 1.0))
         self.correlated = bool(state.get("correlated", False))
         self.switches = int(state.get("switches", 0))
+        self._steps = int(state.get("steps", 0))

@@ -89,14 +89,12 @@ class RobustBatchNorm(nn.BatchNorm2d):
             mean = (1 - self.blend) * self.running_mean + self.blend * batch_mean
             var = (1 - self.blend) * self.running_var + self.blend * batch_var
             if self.mode != "mix" and self.armed:
-                if self.momentum != self.blend:
-                    mean = (1 - self.momentum) * self.running_mean + self.momentum * batch_mean.detach()
-                    var = (1 - self.momentum) * self.running_var + self.momentum * batch_var.detach()
-                    self.pending = (mean, var)
-                    mean = (1 - self.blend) * self.running_mean + self.blend * batch_mean
-                    var = (1 - self.blend) * self.running_var + self.blend * batch_var
-                else:
+                if self.momentum == self.blend:  # RBN: the average's next value is what this pass used
                     self.pending = (mean.detach(), var.detach())
+                else:
+                    m = self.momentum
+                    self.pending = ((1 - m) * self.running_mean + m * batch_mean.detach(),
+                                    (1 - m) * self.running_var + m * batch_var.detach())
                 self.armed = False
         else:
             mean, var = self.running_mean, self.running_var

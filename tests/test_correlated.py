@@ -306,3 +306,13 @@ def test_auto_statistics_turn_a_class_sorted_stream_from_a_loss_into_a_gain(orde
     else:
         assert not adapter.switch.correlated and adapter.switch.switches == 0
         assert auto == papers
+
+
+def test_a_restored_auto_adapter_probes_on_the_same_steps_as_the_original():
+    original = adapters.create("norm", small_bn_cnn(), bn_stats="auto")
+    for seed in range(3):
+        original.step(images(32, seed=seed))
+    restored = adapters.create("norm", small_bn_cnn(), bn_stats="auto")
+    restored.load_state_dict(original.state_dict())
+    assert [original.switch.probe_due() for _ in range(8)] == [restored.switch.probe_due() for _ in range(8)]
+    assert restored.switch.smoothed == original.switch.smoothed
