@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import warnings
 from collections.abc import Iterator
 
@@ -51,12 +50,9 @@ def settings() -> Settings:
 
 
 @pytest.fixture(scope="module")
-def client(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
-    cache = os.environ.get("TTA_CACHE_DIR") or str(tmp_path_factory.getbasetemp() / "tta-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TTA_CACHE_DIR", cache)  # the digits model trains once per session (shared with e2e)
-        with TestClient(create_app(settings)) as c:
-            yield c
+def client(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings)) as c:  # the digits model's cache: conftest's, one per session
+        yield c
 
 
 @pytest.fixture(scope="module")

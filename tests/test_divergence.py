@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import warnings
 from collections.abc import Iterator
 
@@ -33,16 +32,13 @@ with warnings.catch_warnings():  # Starlette suggests httpx2 for its TestClient;
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+def client() -> Iterator[TestClient]:
     settings = Settings(redis_url=None, admin_token=None, models=[
         ModelConfig(name="digits-c", architecture="digits", method="eata-c"),
         ModelConfig(name="digits", architecture="digits", method="eata"),
     ])
-    with pytest.MonkeyPatch.context() as mp:
-        cache = os.environ.get("TTA_CACHE_DIR") or str(tmp_path_factory.getbasetemp() / "tta-cache")
-        mp.setenv("TTA_CACHE_DIR", cache)  # the digits model trains once per session
-        with TestClient(create_app(settings)) as c:
-            yield c
+    with TestClient(create_app(settings)) as c:  # the digits model's cache: conftest's, one per session
+        yield c
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import asyncio
 import base64
 import io
 import json
-import os
 import random
 import threading
 import time
@@ -37,14 +36,11 @@ PREDICTION_FIELDS = {"seq", "id", "model", "request_id", "label", "class_name", 
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+def client() -> Iterator[TestClient]:
     settings = Settings(redis_url=None, admin_token=None,
                         models=[ModelConfig(name="digits", architecture="digits", method="eata")])
-    with pytest.MonkeyPatch.context() as mp:
-        cache = os.environ.get("TTA_CACHE_DIR") or str(tmp_path_factory.getbasetemp() / "tta-cache")
-        mp.setenv("TTA_CACHE_DIR", cache)  # the digits model trains once per session
-        with TestClient(create_app(settings)) as c:
-            yield c
+    with TestClient(create_app(settings)) as c:  # the digits model's cache: conftest's, one per session
+        yield c
 
 
 @pytest.fixture(scope="module")
