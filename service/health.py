@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from service.onnx_export import exporting
+from service.probe_inputs import probe_images
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def export_onnx(module: nn.Module, input_size: tuple[int, int]) -> bytes:
     buffer = io.BytesIO()
     with exporting():  # one export at a time: two models start their agreement checks together
         torch.onnx.export(
-            frozen, (torch.rand(2, 3, *input_size),), buffer, input_names=["images"], output_names=["logits"],
+            frozen, (probe_images(2, input_size),), buffer, input_names=["images"], output_names=["logits"],
             dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=ONNX_OPSET, dynamo=False,
         )
     return buffer.getvalue()
@@ -187,7 +188,7 @@ class SourceAgreement:
             options.inter_op_num_threads = 1
             options.log_severity_level = 3
             session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-            probe = torch.rand(4, 3, *self._input_size)
+            probe = probe_images(4, self._input_size)
             with torch.no_grad():
                 expected = copy.deepcopy(self._module).cpu().eval()(probe).numpy()
             (got,) = session.run(None, {"images": probe.numpy()})

@@ -17,6 +17,7 @@ from adapters.datasets import to_tensor
 from adapters.models import CheckpointError, Normalized, build_cifar_resnet, load_state_dict_file, load_weights
 from adapters.models.digits import DIGIT_CLASSES, digits_split, load_digits_model
 from service.errors import ModelLoadError
+from service.probe_inputs import probe_images
 from service.settings import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ def load_model(config: ModelConfig, device: torch.device) -> LoadedModel:
             module = Normalized(module, config.mean, config.std)
         module = module.eval()
         with torch.no_grad():
-            probe = module(torch.rand(2, 3, *config.input_size))
+            probe = module(probe_images(2, config.input_size))
         if probe.dim() != 2:
             raise ValueError(f"the model must return N x classes logits, got shape {tuple(probe.shape)}")
         classes = _default_classes(config, probe.shape[1])

@@ -18,6 +18,7 @@ from torch import nn
 from service.errors import ModelLoadError
 from service.model_sources import LoadedModel
 from service.onnx_export import exporting
+from service.probe_inputs import probe_images
 from service.settings import ModelConfig
 
 TOLERANCE = 1e-3  # max |ONNX - PyTorch| logits, relative to their scale
@@ -30,7 +31,7 @@ class OnnxExportError(ModelLoadError):
 def export_classifier(module: nn.Module, input_size: tuple[int, int], opset: int = 17) -> bytes:
     """The module (float NCHW in [0, 1] -> logits) as ONNX bytes with a dynamic batch axis."""
     buffer = io.BytesIO()
-    example = torch.rand(2, 3, *input_size)
+    example = probe_images(2, input_size)
     with exporting():
         torch.onnx.export(
             module.cpu().eval(), (example,), buffer, input_names=["images"], output_names=["logits"],
@@ -81,7 +82,7 @@ def to_onnx_runtime(config: ModelConfig, loaded: LoadedModel, threads: int | Non
         message = f"model {config.name!r}: cannot serve with onnxruntime ({type(exc).__name__}: {exc})"
         raise OnnxExportError(message) from exc
     onnx_module = OnnxModule(session)
-    probe = torch.rand(4, 3, *config.input_size)
+    probe = probe_images(4, config.input_size)
     with torch.no_grad():
         expected = module(probe)
     got = onnx_module(probe)

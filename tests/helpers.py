@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 
 def small_bn_cnn(num_classes: int = 10, seed: int = 0) -> nn.Module:
     """A tiny BatchNorm CNN on 3x8x8 inputs: fast enough for behaviour tests."""
-    torch.manual_seed(seed)
-    return nn.Sequential(
+    model = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1),
         nn.BatchNorm2d(8),
         nn.ReLU(),
@@ -20,6 +21,22 @@ def small_bn_cnn(num_classes: int = 10, seed: int = 0) -> nn.Module:
         nn.Flatten(),
         nn.Linear(8, num_classes),
     ).eval()
+    seeded_init(model, seed)
+    return model
+
+
+def seeded_init(model: nn.Module, seed: int) -> None:
+    """Initialise convolutions and linear layers as PyTorch does, from a private generator.
+
+    The same weights as ``torch.manual_seed(seed)`` before construction, but safe while another engine's
+    background thread draws from the global generator (which once made two "identical" models differ).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    for layer in model.modules():
+        if isinstance(layer, nn.Conv2d | nn.Linear):
+            nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
+            bound = 1 / math.sqrt(layer.weight[0].numel())
+            nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
 
 
 def small_gn_cnn(num_classes: int = 10) -> nn.Module:

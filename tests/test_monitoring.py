@@ -236,3 +236,16 @@ def test_a_failed_onnx_export_is_flagged_and_serving_goes_on(caplog):
     text = metrics.render().decode()
     assert 'tta_source_agreement_up{method="tent",model="m"} 0.0' in text
     assert "tta_source_agreement_ratio{" not in text  # not measured: no series rather than a fake number
+
+
+def test_the_agreement_check_leaves_the_global_random_generator_alone():
+    """Its export runs in a background thread: drawing from torch's global generator there made two
+    identically seeded model builds come out different (the follower refused the leader's state)."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    torch.manual_seed(7)
+    before = torch.random.get_rng_state()
+    agreement = SourceAgreement(model, (8, 8), fraction=1.0, window=10)
+    agreement.ready.result(60)
+    agreement.stop()
+    assert agreement.up is True
+    assert torch.equal(torch.random.get_rng_state(), before)
