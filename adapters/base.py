@@ -25,7 +25,7 @@ from adapters.configure import (
     require_norm_layers,
     use_batch_statistics,
 )
-from adapters.correlation import ClassMixMonitor, CorrelationSwitch, SwitchOptions, class_diversity
+from adapters.correlation import ClassMixMonitor, CorrelationSwitch, SwitchOptions, relative_class_diversity
 from adapters.guard import MANUAL, CollapseGuard, CollapseGuardOptions
 from adapters.lame import LameOptions, PenultimateFeatures, lame
 from adapters.passes import auxiliary_pass
@@ -299,7 +299,7 @@ class Adapter:
             batch_layers = max(1, round(switch.options.batch_layers * len(self.robust_layers)))
             with torch.no_grad(), probing(self.robust_layers, batch_layers), auxiliary_pass(self.model):
                 probe = self.model(x[: switch.options.probe_images])
-            switch.observe(class_diversity(probe))
+            switch.observe(relative_class_diversity(probe), probe.shape[0])
         if not self.watches_class_mix:
             return 1.0
         diversity = self.class_mix.observe(served)  # observed while i.i.d. too: the reference stays warm

@@ -11,6 +11,7 @@ histograms, and a batch whose entropy falls well below that of the recent mix is
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -39,6 +40,31 @@ def class_diversity(logits: torch.Tensor) -> float:
     if n < 2 or num_classes < 2:
         return 1.0
     return max(0.0, _entropy(class_histogram(logits)) / math.log(min(n, num_classes)))
+
+
+@functools.lru_cache(maxsize=256)
+def iid_class_diversity(n: int, num_classes: int) -> float:
+    """The expected :func:`class_diversity` of ``n`` predictions drawn uniformly from ``num_classes``.
+
+    Why: a small i.i.d. batch cannot fill every class evenly (16 draws from 10 classes: 0.86; 64: 0.97), so
+    its raw diversity would read as correlation. Exact: each class's count is Binomial(n, 1/C), and the
+    histogram's entropy is a sum over classes.
+    """
+    if n < 2 or num_classes < 2:
+        return 1.0
+    p = 1.0 / num_classes
+    log_n = math.lgamma(n + 1)
+    expected = 0.0
+    for k in range(1, n + 1):
+        log_pk = log_n - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * math.log(p) + (n - k) * math.log1p(-p)
+        expected -= math.exp(log_pk) * (k / n) * math.log(k / n)
+    return num_classes * expected / math.log(min(n, num_classes))
+
+
+def relative_class_diversity(logits: torch.Tensor) -> float:
+    """:func:`class_diversity` over what an i.i.d. batch of the same size would show, at most 1."""
+    n, num_classes = logits.shape
+    return min(1.0, class_diversity(logits) / iid_class_diversity(n, num_classes))
 
 
 class ClassMixMonitor:
@@ -89,9 +115,15 @@ class SwitchOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    enter: float = Field(0.8, ge=0, le=1, description="smoothed probe diversity below which traffic is correlated")
-    leave: float = Field(0.85, ge=0, le=1, description="smoothed probe diversity above which it is i.i.d. again")
-    smoothing: float = Field(0.5, ge=0, lt=1, description="weight of the old smoothed score per probe")
+    enter: float = Field(
+        0.825, ge=0, le=1, description="smoothed probe diversity (relative to an i.i.d. batch of the same size) "
+        "below which traffic is correlated"
+    )
+    leave: float = Field(0.875, ge=0, le=1, description="smoothed relative probe diversity above which it is i.i.d.")
+    smoothing: float = Field(
+        0.5, ge=0, lt=1, description="weight of the old smoothed score per full probe; a probe of fewer than "
+        "probe_images images moves the score less, in proportion"
+    )
     batch_layers: float = Field(
         0.5, gt=0, lt=1, description="share of the BatchNorm layers (the shallow ones) the probe normalises with "
         "the batch; the rest use the source statistics"
@@ -116,8 +148,13 @@ class CorrelationSwitch:
     statistics (:func:`adapters.robust_norm.probing`). Neither the served predictions would do: with
     batch statistics a one-class batch loses its class signal and looks diverse; with source (or
     slowly moving) statistics a new corruption makes an i.i.d. batch collapse onto a few classes and
-    look correlated. The probe sees through both. The score is smoothed over probes, and the two
-    thresholds (``enter`` < ``leave``) keep a single odd batch from flipping the mode.
+    look correlated. The probe sees through both. The score is the diversity relative to an i.i.d. batch
+    of the same size (:func:`relative_class_diversity`), smoothed over probes with each probe weighted by
+    its share of ``probe_images`` (16 images are a quarter of the evidence of 64: on a shallow model one
+    16-image probe of a strongly shifted i.i.d. batch once read 0.36 and flipped the switch); the two
+    thresholds (``enter`` < ``leave``) keep a single odd batch from flipping the mode. At a full probe
+    of 64 images over 10 classes, enter 0.825 and leave 0.875 are the raw diversities 0.8 and 0.85 that
+    were chosen on the validation corruptions (an i.i.d. batch of 64 reads 0.968).
     """
 
     def __init__(self, options: SwitchOptions) -> None:
@@ -128,14 +165,17 @@ class CorrelationSwitch:
         self._steps = 0
 
     def probe_due(self) -> bool:
-        """Whether this adaptation step is one to probe (every ``probe_every``-th)."""
+        """Whether this adaptation step is one to probe: the first, then every ``probe_every``-th (the
+        first step's probe is the earliest evidence a class-sorted stream gives)."""
         self._steps += 1
-        return self._steps % self.options.probe_every == 0
+        return (self._steps - 1) % self.options.probe_every == 0
 
-    def observe(self, diversity: float) -> bool:
-        """Add one probe's class diversity; returns whether traffic is now judged correlated."""
+    def observe(self, diversity: float, images: int | None = None) -> bool:
+        """Add one probe's relative class diversity, measured on ``images`` images (default: a full probe);
+        returns whether traffic is now judged correlated."""
         opts = self.options
-        self.smoothed = opts.smoothing * self.smoothed + (1 - opts.smoothing) * diversity
+        weight = (1 - opts.smoothing) * min(1.0, (images or opts.probe_images) / opts.probe_images)
+        self.smoothed = (1 - weight) * self.smoothed + weight * diversity
         now = self.smoothed < opts.enter if not self.correlated else self.smoothed <= opts.leave
         if now != self.correlated:
             self.switches += 1

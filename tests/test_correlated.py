@@ -10,7 +10,14 @@ import torch
 from helpers import images, small_bn_cnn
 
 import adapters
-from adapters.correlation import ClassMixMonitor, CorrelationSwitch, SwitchOptions, class_diversity
+from adapters.correlation import (
+    ClassMixMonitor,
+    CorrelationSwitch,
+    SwitchOptions,
+    class_diversity,
+    iid_class_diversity,
+    relative_class_diversity,
+)
 from adapters.lame import affinity_matrix, lame, lame_energy
 from adapters.robust_norm import RobustBatchNorm
 from adapters.serialization import state_from_bytes, state_to_bytes
@@ -242,6 +249,20 @@ def test_the_switch_needs_a_sustained_drop_to_enter_and_a_sustained_rise_to_leav
     assert switch.switches == 2
     with pytest.raises(ValueError, match="leave"):
         SwitchOptions(enter=0.9, leave=0.8)
+
+
+def test_a_small_probe_is_judged_against_a_small_iid_batch_and_counts_for_less():
+    """16 i.i.d. draws over 10 classes cannot fill them evenly (0.86 of the maximum, 64 draws: 0.97), and a
+    16-image probe is a quarter of the evidence of a full one: on the digits demo one such probe of a
+    strongly shifted i.i.d. batch read 0.36 and switched the served statistics for the next segment."""
+    assert iid_class_diversity(16, 10) == pytest.approx(0.856, abs=1e-3)
+    assert iid_class_diversity(64, 10) == pytest.approx(0.968, abs=1e-3)
+    drawn = torch.eye(10)[torch.randint(10, (16,), generator=torch.Generator().manual_seed(0))]  # i.i.d. classes
+    assert class_diversity(drawn) < 0.85 and relative_class_diversity(drawn) > 0.95
+    small, full = CorrelationSwitch(SwitchOptions()), CorrelationSwitch(SwitchOptions())
+    assert not small.observe(0.36, images=16)
+    assert full.observe(0.36, images=64)
+    assert [small.probe_due() for _ in range(5)] == [True, False, False, False, True]  # the first step probes
 
 
 def test_auto_statistics_are_the_papers_while_iid_and_the_moving_average_while_correlated():
