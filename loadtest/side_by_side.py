@@ -31,7 +31,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.data import checkpoint_path, cifar10_test_path
+from benchmarks.data import DataNotGiven, checkpoint_path, cifar10_test_path
 from loadtest import torchserve
 from loadtest.processes import ProcessError, Replica
 from loadtest.server_throughput import (
@@ -185,8 +185,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"unknown --servers {unknown}; choose from {', '.join(SERVERS)}")
     if args.duration < 1 or min(args.clients) < 1:
         parser.error("--duration must be at least 1 s and every client count at least 1")
-    args.weights = checkpoint_path("resnet20", args.weights)
-    args.data = cifar10_test_path(args.data, "--data")
+    try:
+        args.weights = checkpoint_path("resnet20", args.weights)
+        args.data = cifar10_test_path(args.data, "--data")
+    except DataNotGiven as exc:
+        parser.error(str(exc))
     return args
 
 
