@@ -87,12 +87,16 @@ class Replica:
     """One ``tta-serve serve --config`` process on a fixed port, restartable after a kill."""
 
     def __init__(self, config: Path, port: int | None = None, env: dict[str, str] | None = None,
-                 name: str = "replica") -> None:
+                 name: str = "replica", threads: int | None = 1) -> None:
+        """``threads``: TTA_THREADS of the server (one by default; None: the server's own choice)."""
         self.config = config
         self.port = port or free_port()
         self.base = f"http://{HOST}:{self.port}"
         self.name = name
-        self.env = {**os.environ, "TTA_THREADS": "1", **(env or {})}
+        self.env = {k: v for k, v in os.environ.items() if k != "TTA_THREADS" or threads is not None}
+        if threads is not None:
+            self.env["TTA_THREADS"] = str(threads)
+        self.env.update(env or {})
         self.log = config.with_name(f"{config.stem}.{name}.{self.port}.log")
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0

@@ -108,15 +108,26 @@ def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 180) -> None:
     raise RuntimeError("server did not become ready")
 
 
-def raw_requests(images: np.ndarray, model: str) -> list[bytes]:
-    """Complete HTTP/1.1 requests (binary v2, one image each), built once so the client costs little."""
+def raw_post_requests(path: str, bodies: list[bytes], headers: dict[str, str]) -> list[bytes]:
+    """Complete HTTP/1.1 POST requests of ``bodies`` to ``path``, built once so the client costs little."""
     requests = []
-    for image in images:
-        body, headers = binary_request(image[None])
-        head = f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: bench\r\nContent-Length: {len(body)}\r\n"
+    for body in bodies:
+        head = f"POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Length: {len(body)}\r\n"
         head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
         requests.append(head.encode() + body)
     return requests
+
+
+def v2_bodies(images: np.ndarray) -> tuple[list[bytes], dict[str, str]]:
+    """Binary v2 bodies of one image each (:func:`binary_request`) and their headers (the same for all)."""
+    built = [binary_request(image[None]) for image in images]
+    return [body for body, _ in built], built[0][1]
+
+
+def raw_requests(images: np.ndarray, model: str) -> list[bytes]:
+    """Complete HTTP/1.1 requests (binary v2, one image each), built once so the client costs little."""
+    bodies, headers = v2_bodies(images)
+    return raw_post_requests(f"/v2/models/{model}/infer", bodies, headers)
 
 
 async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> bytes:
@@ -179,10 +190,15 @@ def run_loop(coroutine: Any) -> Any:
     return uvloop.run(coroutine)
 
 
+def cifar_uint8_images(path: Path, count: int = 1024) -> np.ndarray:
+    """CIFAR-10 test images as stored: uint8 NHWC (the v2 UINT8 layout and TorchServe's raw bytes)."""
+    with np.load(path) as data:
+        return np.ascontiguousarray(data["x"][:count], dtype=np.uint8)
+
+
 def cifar_images(path: Path, count: int = 1024) -> np.ndarray:
     """CIFAR-10 test images as float32 NCHW in [0, 1] (real images: EATA's filters select as in use)."""
-    with np.load(path) as data:
-        x = data["x"][:count]
+    x = cifar_uint8_images(path, count)
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32) / 255.0
 
 
