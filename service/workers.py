@@ -32,7 +32,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from service.errors import ConfigError
+from service.errors import ConfigError, ModelLoadError
 from service.settings import Settings
 
 log = logging.getLogger("tta_serve.workers")
@@ -90,7 +90,8 @@ def make_run_dir() -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- workers
-def worker_main(settings: Settings, index: int, run_dir: Path, log_level: str, ready: Connection) -> None:
+def worker_main(settings: Settings, index: int, run_dir: Path, log_level: str, ready: Connection,
+                supervisor: int) -> None:
     """One worker process: bind, load the models (worker 0 leads), serve; exit 2 if it cannot start."""
     import logging.config
 
@@ -103,13 +104,15 @@ def worker_main(settings: Settings, index: int, run_dir: Path, log_level: str, r
     from service.metrics import ServiceMetrics
 
     logging.config.dictConfig(logging_config(settings.log_format, log_level))
+    _exit_with_parent(supervisor)
     try:
         sock = bind_socket(settings.host, settings.port)
         metrics = ServiceMetrics()
         registry = build_registry(settings, metrics, local_peers(run_dir, index))
         routing = routing_for_app(settings, registry, metrics)
     except Exception as exc:
-        log.error("worker %s: cannot start: %s", index, exc, exc_info=not isinstance(exc, ConfigError | OSError))
+        expected = isinstance(exc, ConfigError | ModelLoadError | OSError)  # their message says it all
+        log.error("worker %s: cannot start: %s", index, exc, exc_info=not expected)
         sys.exit(2)
     app = create_app(settings, registry, metrics)
     app.state.routing = routing
@@ -123,6 +126,19 @@ def worker_main(settings: Settings, index: int, run_dir: Path, log_level: str, r
             ready.send(os.getpid())  # listening now: the supervisor may start the next worker
 
     ReadyServer(config).run(sockets=[sock])
+
+
+def _exit_with_parent(supervisor: int) -> None:
+    """Ask Linux for SIGTERM when the supervisor dies (even by SIGKILL), so no worker outlives it."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: a supervisor killed with SIGKILL leaves its workers
+        log.warning("workers cannot follow their supervisor's death on this OS")
+    if os.getppid() != supervisor:  # it died before we asked
+        sys.exit(1)
 
 
 @dataclass
@@ -167,7 +183,7 @@ class Supervisor:
     def _spawn(self, index: int) -> Worker:
         reader, writer = self._ctx.Pipe(duplex=False)
         process = self._ctx.Process(target=worker_main, name=f"tta-serve-worker-{index}",
-                                    args=(self.settings, index, self.run_dir, self.log_level, writer))
+                                    args=(self.settings, index, self.run_dir, self.log_level, writer, os.getpid()))
         process.start()
         writer.close()  # the child holds it now: its death reads as end of file here
         worker = Worker(index, process, reader)
