@@ -102,6 +102,7 @@ def worker_main(settings: Settings, index: int, run_dir: Path, log_level: str, r
     from service.local_replication import local_peers
     from service.logs import logging_config
     from service.metrics import ServiceMetrics
+    from service.worker_metrics import WorkerMetrics, socket_path
 
     logging.config.dictConfig(logging_config(settings.log_format, log_level))
     _exit_with_parent(supervisor)
@@ -116,6 +117,11 @@ def worker_main(settings: Settings, index: int, run_dir: Path, log_level: str, r
         sys.exit(2)
     app = create_app(settings, registry, metrics)
     app.state.routing = routing
+    app.state.worker_metrics = WorkerMetrics(run_dir, index, settings.workers)
+    sibling = socket_path(run_dir, index)  # where the other workers collect this one's metrics
+    sibling.unlink(missing_ok=True)  # left by a killed predecessor
+    sibling_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sibling_sock.bind(str(sibling))
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
                             log_config=logging_config(settings.log_format, log_level),
                             headers=[(WORKER_HEADER, str(index))])
@@ -125,7 +131,7 @@ def worker_main(settings: Settings, index: int, run_dir: Path, log_level: str, r
             await super().startup(sockets=sockets)
             ready.send(os.getpid())  # listening now: the supervisor may start the next worker
 
-    ReadyServer(config).run(sockets=[sock])
+    ReadyServer(config).run(sockets=[sock, sibling_sock])
 
 
 def _exit_with_parent(supervisor: int) -> None:

@@ -128,6 +128,16 @@ def test_workers_share_the_port_and_the_followers_serve_the_leaders_weights(tmp_
         np.testing.assert_allclose(from_follower["outputs"][0]["data"], from_leader["outputs"][0]["data"], atol=1e-5)
         assert replication(base, 1)["published_version"] == 0  # followers never publish
 
+        # Any worker's /metrics holds every worker's series, labelled; scope=worker only its own.
+        for worker in (0, 1):
+            scraped = on_worker(base, worker, "GET", "/metrics").text
+            assert 'tta_worker_up{worker="0"} 1.0' in scraped and 'tta_worker_up{worker="1"} 1.0' in scraped
+            assert 'tta_replica_leader{model="digits",worker="0"} 1.0' in scraped
+            assert 'tta_replica_leader{model="digits",worker="1"} 0.0' in scraped
+            own = on_worker(base, worker, "GET", "/metrics", params={"scope": "worker"}).text
+            assert f'tta_replica_leader{{model="digits"}} {1.0 if worker == 0 else 0.0}' in own
+            assert "worker=" not in own
+
 
 def test_killed_workers_restart_a_restarted_leader_resumes_its_version_and_sigterm_stops_all(tmp_path, drifted):
     with workers(tmp_path) as (base, proc, log):
