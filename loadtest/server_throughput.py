@@ -8,7 +8,8 @@ clients sending CIFAR-10 test images (binary FP32 NCHW, the Triton client's defa
 kept-alive connections for a fixed time, and reports images/s, its ratio to the plain forward pass
 (NCHW, batch 32, ``--threads``, re-measured in a fresh process just before each row while the server idles,
 with glibc's default allocator thresholds and with the server's tuned ones), p50/p95/p99 latency and,
-once ``off`` was measured, each p50 against off's at the same clients and workers. ``--workers 1,2``
+once ``off`` was measured, each p50 against off's at the same clients and workers, and the share of the
+served images that adaptation stepped on (``adapted``; with several workers only worker 0 adapts). ``--workers 1,2``
 measures each mode with ``tta-serve serve --workers 1`` then ``--workers 2`` (alternating, so a busy
 machine's drift hits both alike).
 Loopback only, bounded in time. Results go to a table and, with ``--json``, a file.
@@ -118,6 +119,15 @@ def wait_workers(base: str, workers: int, timeout: float = 180) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"only workers {sorted(seen)} of {workers} answered")
         seen.add(httpx.get(f"{base}/v2/health/ready", timeout=5).headers.get("x-tta-worker", "0"))
+
+
+def adapted_samples(base: str, model: str) -> int:
+    """Images the adapting worker (worker 0 of a ``--workers`` server) has stepped on so far."""
+    for _ in range(200):  # new connections until worker 0 answers (the kernel picks one per connection)
+        response = httpx.get(f"{base}/v1/models/{model}/adaptation", timeout=10)
+        if response.headers.get("x-tta-worker", "0") == "0":
+            return int(response.json()["samples_seen"])
+    raise RuntimeError("worker 0 never answered")
 
 
 def raw_requests(images: np.ndarray, model: str) -> list[bytes]:
@@ -239,7 +249,11 @@ def main() -> None:
                     # machine the plain forward pass itself varies by 30 % from one minute to the next.
                     default, tuned = (plain_in_fresh_process(args.weights, args.duration / 4, args.threads, t)
                                       for t in (False, True))
+                    seen = adapted_samples(f"http://127.0.0.1:{port}", "resnet20")
                     result = run_loop(drive(port, clients, args.duration, requests))
+                    # The share of served images that adaptation stepped on: with N workers only worker 0 adapts.
+                    result["adapted_share"] = ((adapted_samples(f"http://127.0.0.1:{port}", "resnet20") - seen)
+                                               / max(1, result["requests"]))
                     rows.append({"mode": mode, "workers": workers, "clients": clients, **result,
                                  "plain_default_allocator": default, "plain_tuned_allocator": tuned,
                                  "ratio_to_plain": result["images_per_second"] / default,
@@ -252,7 +266,7 @@ def main() -> None:
                   f"{args.threads} threads) in a fresh process just before the row, with glibc's default "
                   "allocator thresholds and with the server's")
     columns = ("adaptation", "workers", "clients", "img/s", "plain", "x plain", "plain tuned", "x tuned", "p50 ms",
-               "p50 / off", "p95 ms", "p99 ms", "errors")
+               "p50 / off", "p95 ms", "p99 ms", "adapted", "errors")
     for col in columns:
         table.add_column(col, justify="right")
     off_p50 = {(r["workers"], r["clients"]): r["p50_ms"] for r in rows if r["mode"] == "off"}
@@ -263,7 +277,7 @@ def main() -> None:
                       f"{r['plain_default_allocator']:.0f}", f"{r['ratio_to_plain']:.2f}",
                       f"{r['plain_tuned_allocator']:.0f}", f"{r['ratio_to_tuned_plain']:.2f}", f"{r['p50_ms']:.1f}",
                       "" if r["p50_vs_off"] is None else f"{r['p50_vs_off']:.2f}", f"{r['p95_ms']:.1f}",
-                      f"{r['p99_ms']:.1f}", str(r["errors"]))
+                      f"{r['p99_ms']:.1f}", f"{r['adapted_share']:.2f}", str(r["errors"]))
     console.print(table)
     if args.json:
         args.json.write_text(json.dumps({"threads": args.threads, "server_threads": args.server_threads,
