@@ -2,8 +2,8 @@
 
 Real processes throughout: a supervisor with two workers serving the digits model, the run-directory
 transport between them, signals and a killed worker. Requests reach a worker chosen by the kernel per
-connection, so the helpers open new connections until the wanted worker answers (its ``x-tta-worker``
-header names it).
+connection, so the helpers open new connections until one reaches the wanted worker (its
+``x-tta-worker`` header names it) and send on that one.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from adapters.models.digits import digits_split
 from adapters.serialization import state_to_bytes
 from service.local_replication import LocalReplica, PublishedState
 from service.replication_contract import StateRefused
+from service.settings import ModelConfig, Settings, load_settings, usable_cores
 
 WAIT_S = 60.0  # bounds on waits for something that happens within a second or two when all is well
 MODEL = {"name": "digits", "architecture": "digits", "method": "eata", "correlated_traffic": "never",
@@ -48,18 +49,21 @@ def body(images: np.ndarray) -> dict[str, Any]:
 
 
 def on_worker(base: str, worker: int, method: str, path: str, **kwargs: Any) -> httpx.Response:
-    """Send on new connections until ``worker`` answers (the kernel picks a worker per connection)."""
+    """Send to ``worker``: the kernel picks a worker per connection, so open connections (probed with a
+    readiness request, which changes nothing) until one reaches it, then send on that kept-alive one."""
     deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
-        try:
-            with httpx.Client(timeout=30) as client:
-                response = client.request(method, base + path, **kwargs)
-        except httpx.TransportError:  # a worker stopping or restarting
-            time.sleep(0.05)
-            continue
-        if response.headers.get("x-tta-worker") == str(worker):
-            assert response.status_code == 200, response.text
-            return response
+        with httpx.Client(base_url=base, timeout=30) as client:
+            try:
+                if client.get("/v2/health/ready").headers.get("x-tta-worker") != str(worker):
+                    continue
+                response = client.request(method, path, **kwargs)
+            except httpx.TransportError:  # a worker stopping or restarting
+                time.sleep(0.05)
+                continue
+        assert response.headers.get("x-tta-worker") == str(worker)  # the same connection, the same worker
+        assert response.status_code == 200, response.text
+        return response
     pytest.fail(f"worker {worker} did not answer {path} within {WAIT_S} s")
 
 
@@ -262,3 +266,13 @@ async def run_directory_round_trips(tmp_path: Path, caplog: pytest.LogCaptureFix
     assert follower.store_up and follower.status()["refused_snapshots"] == {"shape": 1}
     assert served.version == 3 and follower.loaded_version == 5  # a refused version is not retried
     assert "refused published parameters v5" in caplog.text
+
+
+def test_workers_come_from_the_environment_and_zero_means_one_per_core(monkeypatch):
+    monkeypatch.setenv("TTA_WORKERS", "3")
+    assert load_settings().resolved_workers() == 3
+    assert load_settings(workers=0).resolved_workers() == usable_cores()  # a flag wins over the environment
+    from service.composition import default_threads
+
+    two = Settings(workers=2, models=[ModelConfig(name="m", architecture="digits", method="eata")])
+    assert default_threads(two) == max(1, usable_cores() // 2)  # each worker takes its share of the cores
