@@ -9,6 +9,7 @@ connection, so the helpers open new connections until one reaches the wanted wor
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -175,6 +176,34 @@ def test_workers_do_not_outlive_a_supervisor_killed_with_sigkill(tmp_path):
         proc.kill()
         proc.wait()
     wait_until(lambda: all(gone(pid) for pid in pids), "every worker exiting")
+
+
+def worker_pids(supervisor: int) -> list[int]:
+    """The supervisor's worker processes (its other child is multiprocessing's resource tracker)."""
+    try:
+        children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
+    except OSError:  # the supervisor has exited
+        return []
+    pids = []
+    for pid in map(int, children):
+        try:
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                pids.append(pid)
+        except OSError:  # exited meanwhile
+            pass
+    return pids
+
+
+def test_workers_that_keep_dying_stop_the_supervisor_with_exit_1(tmp_path):
+    with workers(tmp_path) as (_, proc, log):
+        deadline = time.monotonic() + WAIT_S
+        while proc.poll() is None and time.monotonic() < deadline:  # kill every worker as soon as it exists
+            for pid in worker_pids(proc.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.02)
+        assert proc.wait(timeout=WAIT_S) == 1
+    assert "workers died 6 times within 60 s; stopping all workers" in log.read_text()
 
 
 def run_serve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
