@@ -11,6 +11,8 @@ so a bad one is reported once; starts worker 0 first (it trains or loads a cold 
 a model that cannot load stops start-up after one message) and the others once it serves; restarts a
 worker that dies, unless workers die more than ``MAX_RESTARTS`` times within ``RESTART_WINDOW_S``
 (then it stops all, exit 1); and forwards SIGTERM/SIGINT to the workers, which finish their requests.
+Workers exit with their supervisor even when it is SIGKILLed (``PR_SET_PDEATHSIG``); only its run
+directory (a few small files) is then left behind.
 """
 
 from __future__ import annotations
@@ -108,6 +110,10 @@ def worker_main(settings: Settings, index: int, run_dir: Path, log_level: str, r
     _exit_with_parent(supervisor)
     try:
         sock = bind_socket(settings.host, settings.port)
+        sibling = socket_path(run_dir, index)  # where the other workers collect this one's metrics
+        sibling.unlink(missing_ok=True)  # left by a killed predecessor
+        sibling_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sibling_sock.bind(str(sibling))
         metrics = ServiceMetrics()
         registry = build_registry(settings, metrics, local_peers(run_dir, index))
         routing = routing_for_app(settings, registry, metrics)
@@ -118,10 +124,6 @@ def worker_main(settings: Settings, index: int, run_dir: Path, log_level: str, r
     app = create_app(settings, registry, metrics)
     app.state.routing = routing
     app.state.worker_metrics = WorkerMetrics(run_dir, index, settings.workers)
-    sibling = socket_path(run_dir, index)  # where the other workers collect this one's metrics
-    sibling.unlink(missing_ok=True)  # left by a killed predecessor
-    sibling_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sibling_sock.bind(str(sibling))
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
                             log_config=logging_config(settings.log_format, log_level),
                             headers=[(WORKER_HEADER, str(index))])
