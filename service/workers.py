@@ -85,10 +85,27 @@ def _something_listens(host: str, port: int) -> bool:
 
 
 def make_run_dir() -> Path:
-    """A private directory for the published states: on /dev/shm (memory) where there is one."""
+    """A private directory for the published states: on /dev/shm (memory) where there is one.
+
+    Its name holds the supervisor's pid, so the next supervisor removes what a SIGKILLed one left.
+    """
     shm = Path("/dev/shm")
-    base = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
-    return Path(tempfile.mkdtemp(prefix="tta-serve-", dir=base))
+    base = Path(shm if shm.is_dir() and os.access(shm, os.W_OK) else tempfile.gettempdir())
+    for stale in base.glob("tta-serve-*-*"):
+        owner = stale.name.split("-")[2]
+        if owner.isdigit() and stale.is_dir() and stale.stat().st_uid == os.getuid() and not _alive(int(owner)):
+            shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"tta-serve-{os.getpid()}-", dir=base))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 # ---------------------------------------------------------------------------------------------- workers
