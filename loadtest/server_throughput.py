@@ -1,6 +1,6 @@
 """Server throughput and latency against a plain in-process forward pass of the same model.
 
-    python -m loadtest.server_throughput [--clients 1,8,32] [--duration 10] [--modes off,sync,async]
+    python -m loadtest.server_throughput [--clients 1,8,32] [--duration 10] [--modes off,sync,async] [--workers 1,2]
 
 Serves CIFAR ResNet-20 (32x32 inputs, micro-batches up to 64, the server's default batching delay
 and thread count) in a ``tta-serve serve`` subprocess, drives it with N concurrent one-image
@@ -8,7 +8,10 @@ clients sending CIFAR-10 test images (binary FP32 NCHW, the Triton client's defa
 kept-alive connections for a fixed time, and reports images/s, its ratio to the plain forward pass
 (NCHW, batch 32, ``--threads``, re-measured in a fresh process just before each row while the server idles,
 with glibc's default allocator thresholds and with the server's tuned ones), p50/p95/p99 latency and,
-once ``off`` was measured, each p50 against off's at the same clients.
+once ``off`` was measured, each p50 against off's at the same clients and workers, and the share of the
+served images that adaptation stepped on (``adapted``; with several workers only worker 0 adapts). ``--workers 1,2``
+measures each mode with ``tta-serve serve --workers 1`` then ``--workers 2`` (alternating, so a busy
+machine's drift hits both alike).
 Loopback only, bounded in time. Results go to a table and, with ``--json``, a file.
 """
 
@@ -106,6 +109,25 @@ def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 180) -> None:
             pass
         time.sleep(0.3)
     raise RuntimeError("server did not become ready")
+
+
+def wait_workers(base: str, workers: int, timeout: float = 180) -> None:
+    """Until every worker of a ``--workers`` server has answered (the kernel picks one per connection)."""
+    seen: set[str] = set()
+    deadline = time.monotonic() + timeout
+    while len(seen) < workers:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only workers {sorted(seen)} of {workers} answered")
+        seen.add(httpx.get(f"{base}/v2/health/ready", timeout=5).headers.get("x-tta-worker", "0"))
+
+
+def adapted_samples(base: str, model: str) -> int:
+    """Images the adapting worker (worker 0 of a ``--workers`` server) has stepped on so far."""
+    for _ in range(200):  # new connections until worker 0 answers (the kernel picks one per connection)
+        response = httpx.get(f"{base}/v1/models/{model}/adaptation", timeout=10)
+        if response.headers.get("x-tta-worker", "0") == "0":
+            return int(response.json()["samples_seen"])
+    raise RuntimeError("worker 0 never answered")
 
 
 def raw_post_requests(path: str, bodies: list[bytes], headers: dict[str, str]) -> list[bytes]:
@@ -215,6 +237,8 @@ def main() -> None:
                         "own: every core with a sync-adapting model, else one per core less one)")
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--max-delay-ms", type=float, help="the server's max_delay_ms (default: the server's, 0)")
+    parser.add_argument("--workers", default="1", help="server processes (tta-serve serve --workers), "
+                        "comma-separated: each mode is measured with each, in turn")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     args.weights = checkpoint_path("resnet20", args.weights)
@@ -223,25 +247,31 @@ def main() -> None:
     requests = raw_requests(cifar_images(args.data), "resnet20")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for mode in args.modes.split(","):
+        for mode, workers in ((m, int(w)) for m in args.modes.split(",") for w in args.workers.split(",")):
             config = write_config(Path(tmp), mode, args.weights, args.max_batch, args.max_delay_ms, args.data)
             port = 18000 + os.getpid() % 1000
             env = dict(os.environ)
             if args.server_threads:
                 env["TTA_THREADS"] = str(args.server_threads)
             proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--config", str(config),
-                                     "--port", str(port), "--log-level", "warning"], env=env)
+                                     "--port", str(port), "--workers", str(workers), "--log-level", "warning"],
+                                    env=env)
             try:
                 wait_ready(f"http://127.0.0.1:{port}", proc)
+                wait_workers(f"http://127.0.0.1:{port}", workers)
                 run_loop(drive(port, 8, 2.0, requests))  # warm-up
                 for clients in (int(c) for c in args.clients.split(",")):
                     # The references are re-measured next to each row (the server idles meanwhile): on a shared
                     # machine the plain forward pass itself varies by 30 % from one minute to the next.
                     default, tuned = (plain_in_fresh_process(args.weights, args.duration / 4, args.threads, t)
                                       for t in (False, True))
+                    seen = adapted_samples(f"http://127.0.0.1:{port}", "resnet20")
                     result = run_loop(drive(port, clients, args.duration, requests))
-                    rows.append({"mode": mode, "clients": clients, **result, "plain_default_allocator": default,
-                                 "plain_tuned_allocator": tuned,
+                    # The share of served images that adaptation stepped on: with N workers only worker 0 adapts.
+                    result["adapted_share"] = ((adapted_samples(f"http://127.0.0.1:{port}", "resnet20") - seen)
+                                               / max(1, result["requests"]))
+                    rows.append({"mode": mode, "workers": workers, "clients": clients, **result,
+                                 "plain_default_allocator": default, "plain_tuned_allocator": tuned,
                                  "ratio_to_plain": result["images_per_second"] / default,
                                  "ratio_to_tuned_plain": result["images_per_second"] / tuned})
                     console.print(rows[-1])
@@ -251,18 +281,19 @@ def main() -> None:
     table = Table(title="tta-serve, ResNet-20, one-image clients; plain: a forward pass (NCHW, batch 32, "
                   f"{args.threads} threads) in a fresh process just before the row, with glibc's default "
                   "allocator thresholds and with the server's")
-    columns = ("adaptation", "clients", "img/s", "plain", "x plain", "plain tuned", "x tuned", "p50 ms", "p50 / off",
-               "p95 ms", "p99 ms", "errors")
+    columns = ("adaptation", "workers", "clients", "img/s", "plain", "x plain", "plain tuned", "x tuned", "p50 ms",
+               "p50 / off", "p95 ms", "p99 ms", "adapted", "errors")
     for col in columns:
         table.add_column(col, justify="right")
-    off_p50 = {r["clients"]: r["p50_ms"] for r in rows if r["mode"] == "off"}
+    off_p50 = {(r["workers"], r["clients"]): r["p50_ms"] for r in rows if r["mode"] == "off"}
     for r in rows:
-        r["p50_vs_off"] = r["p50_ms"] / off_p50[r["clients"]] if r["clients"] in off_p50 else None
-        table.add_row(r["mode"], str(r["clients"]), f"{r['images_per_second']:.0f}",
+        key = (r["workers"], r["clients"])
+        r["p50_vs_off"] = r["p50_ms"] / off_p50[key] if key in off_p50 else None
+        table.add_row(r["mode"], str(r["workers"]), str(r["clients"]), f"{r['images_per_second']:.0f}",
                       f"{r['plain_default_allocator']:.0f}", f"{r['ratio_to_plain']:.2f}",
                       f"{r['plain_tuned_allocator']:.0f}", f"{r['ratio_to_tuned_plain']:.2f}", f"{r['p50_ms']:.1f}",
                       "" if r["p50_vs_off"] is None else f"{r['p50_vs_off']:.2f}", f"{r['p95_ms']:.1f}",
-                      f"{r['p99_ms']:.1f}", str(r["errors"]))
+                      f"{r['p99_ms']:.1f}", f"{r['adapted_share']:.2f}", str(r["errors"]))
     console.print(table)
     if args.json:
         args.json.write_text(json.dumps({"threads": args.threads, "server_threads": args.server_threads,

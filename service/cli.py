@@ -64,6 +64,12 @@ def serve(
         typer.Option(help="clean images for EATA's Fisher term: an npz (x uint8 NxHxWx3), cifar-10-python.tar.gz "
                      "or its cifar-10-batches-py/ folder"),
     ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="server processes on the port (default 1, or TTA_WORKERS; 0: one per core). With more "
+                     "than one, worker 0 adapts and the others serve its weights (Linux, SO_REUSEPORT; "
+                     "docs/serving.md)", min=0),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
 ) -> None:
     """Start the HTTP server (help text: SERVE_HELP)."""
@@ -92,8 +98,12 @@ def serve(
     from service.logs import logging_config
 
     try:
-        settings = load_settings(config, host=host, port=port, models=models)
+        settings = load_settings(config, host=host, port=port, models=models, workers=workers)
         logging.config.dictConfig(logging_config(settings.log_format, log_level))  # model loading logs too
+        if settings.resolved_workers() > 1:  # a supervisor of worker processes (service/workers.py)
+            from service.workers import serve_workers
+
+            raise typer.Exit(serve_workers(settings, log_level))
         metrics = ServiceMetrics()
         registry = build_registry(settings, metrics)
     except (ConfigError, ModelLoadError) as exc:

@@ -7,7 +7,7 @@ their models here, so a setting means the same everywhere. Nothing here speaks H
 from __future__ import annotations
 
 import logging
-import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,10 +19,14 @@ from service.metrics import ServiceMetrics
 from service.model_sources import load_model, resolve_device
 from service.redis_state import RedisConnection, RedisProbabilityCache, RedisSnapshotStore
 from service.replication import Replica
-from service.settings import ModelConfig, Settings
+from service.replication_contract import ReplicationPeer
+from service.settings import ModelConfig, Settings, usable_cores
 from service.snapshots import InMemorySnapshotStore
 
 log = logging.getLogger(__name__)
+
+#: Gives a model its replication peer (None: it serves alone).
+PeerFactory = Callable[[ModelConfig], ReplicationPeer | None]
 
 
 def default_threads(settings: Settings) -> int:
@@ -32,8 +36,9 @@ def default_threads(settings: Settings) -> int:
     and the event loop idles while it computes, since every client waits for that batch. Otherwise every
     core but one, kept for the event loop, which then parses requests while the model computes. Measured
     on 2 cores (docs/benchmarks.md): sync 427 vs 367 img/s with 2 threads, adaptation off 848 vs 920.
+    With several worker processes (``workers``) each counts only its share of the cores.
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = max(1, usable_cores() // settings.resolved_workers())  # each worker process gets its share
     backward_on_request_path = any(
         m.adapts_in_sync for m in settings.resolved_models()
     )
@@ -52,9 +57,11 @@ class EngineFactory:
     the Redis connection (shared redundancy cache, snapshots, replication) or, without Redis, one in-process
     snapshot store for every model, so an unloaded model's snapshot survives to its next load."""
 
-    def __init__(self, settings: Settings, observer: EngineObserver | None = None) -> None:
+    def __init__(self, settings: Settings, observer: EngineObserver | None = None,
+                 peer_for: PeerFactory | None = None) -> None:
         self.settings = settings
         self.observer = observer
+        self.peer_for = peer_for
         self.device = resolve_device(settings.device)
         self.connection = RedisConnection(settings.redis_url.get_secret_value()) if settings.redis_url else None
         if self.connection is not None and not self.connection.check():
@@ -77,6 +84,8 @@ class EngineFactory:
                 "replica": Replica(self.connection, config.name, config.role, settings.replica_id,
                                    settings.lease_ttl_ms, settings.sync_interval_ms),
             }
+        elif self.peer_for is not None:  # worker processes on one host (service/local_replication.py)
+            shared["replica"] = self.peer_for(config)
         engine = ModelEngine(config, loaded, device=self.device, observer=self.observer,
                              feedback_window=settings.feedback_window,
                              prediction_memory=settings.prediction_memory, **shared)
@@ -85,13 +94,15 @@ class EngineFactory:
         return engine
 
 
-def build_registry(settings: Settings, observer: EngineObserver | None = None) -> EngineRegistry:
+def build_registry(settings: Settings, observer: EngineObserver | None = None,
+                   peer_for: PeerFactory | None = None) -> EngineRegistry:
     """Load every configured model and build its engine; raises ``ModelLoadError`` naming the model.
 
-    The registry keeps the factory, so the repository API can load models later with the same pieces.
+    ``peer_for`` gives a model its replication peer when there is no Redis (worker processes on one
+    host). The registry keeps the factory, so the repository API can load models later with the same pieces.
     """
     configure_torch(settings)
-    factory = EngineFactory(settings, observer)
+    factory = EngineFactory(settings, observer, peer_for)
     return EngineRegistry([factory(config) for config in settings.resolved_models()], factory=factory)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import os
 import tomllib
 import typing
 from pathlib import Path
@@ -256,6 +257,11 @@ class Settings(BaseSettings):
     replica_id: str | None = Field(None, description="this replica's name in the leader lease (default host-pid)")
     lease_ttl_ms: int = Field(3000, ge=200, description="leader lease expiry; a follower takes over after it")
     sync_interval_ms: int = Field(500, ge=10, description="how often followers poll for newer parameters")
+    workers: int = Field(
+        1, ge=0, le=256, description="server processes sharing the port (SO_REUSEPORT, Linux): worker 0 adapts and "
+        "publishes its weights through a local run directory, the others serve them (docs/serving.md, 'Several "
+        "worker processes'); 0: one per usable core"
+    )
     models: list[ModelConfig] = Field(default_factory=list)
     routing: RoutingConfig | None = Field(None, description="CLIP-guided expert selection and detectors (docs/clip.md)")
 
@@ -272,6 +278,10 @@ class Settings(BaseSettings):
         """The configured models, or the built-in ``digits`` default when none is configured."""
         return self.models or [default_model()]
 
+    def resolved_workers(self) -> int:
+        """Server processes to run: ``workers``, with 0 meaning one per usable core."""
+        return self.workers or usable_cores()
+
     def admin_access(self) -> Literal["token", "open", "refused"]:
         """How admin routes are guarded: by the token; open (no token, loopback or explicitly allowed);
         or refused (no token on an address others can reach: an exposed server is never open by default)."""
@@ -280,6 +290,11 @@ class Settings(BaseSettings):
         if self.allow_unauthenticated_admin or is_loopback(self.host):
             return "open"
         return "refused"
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the OS reports it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def is_loopback(host: str) -> bool:

@@ -15,7 +15,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request, Response
 from fastapi.openapi.utils import get_openapi
@@ -33,6 +33,7 @@ from service.http.request_metrics import RequestMetricsMiddleware
 from service.metrics import ServiceMetrics
 from service.repository import ModelRepository
 from service.settings import Settings, load_settings
+from service.worker_metrics import WORKER_SCOPE, WorkerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +146,7 @@ def create_app(
     app.state.metrics = metrics
     app.state.routing = None
     app.state.repository = None
+    app.state.worker_metrics = None  # set in worker processes (service/workers.py)
     install_error_handlers(app)
     app.include_router(routes_v2.router)
     app.include_router(routes_detect.router)  # before v1: routed ensembles share its predict path
@@ -153,9 +155,15 @@ def create_app(
     app.include_router(routes_repository.router)
 
     @app.get("/metrics", summary="Prometheus metrics", tags=["operations"], response_class=PlainTextResponse)
-    async def prometheus_metrics(request: Request) -> Response:
+    async def prometheus_metrics(request: Request, scope: Literal["all", "worker"] = "all") -> Response:
+        """With several worker processes (``--workers``), every worker's series with a ``worker`` label;
+        ``scope=worker``: only the answering worker's (service/worker_metrics.py)."""
         m: ServiceMetrics = request.app.state.metrics
-        return Response(m.render(), media_type=m.content_type)
+        own = m.render()
+        workers: WorkerMetrics | None = request.app.state.worker_metrics
+        if workers is not None and scope != WORKER_SCOPE:
+            own = await workers.render(own)
+        return Response(own, media_type=m.content_type)
 
     # Added last = outermost: metrics also count the 413s the body limit produces, and the infer fast path
     # hands every request it does not answer itself to the full stack below it.
