@@ -41,6 +41,7 @@ from loadtest.server_throughput import (
     raw_post_requests,
     run_loop,
     v2_bodies,
+    wait_workers,
     write_config,
 )
 from loadtest.wrk import WrkError, run_wrk, write_bodies, wrk_binary
@@ -52,6 +53,8 @@ SERVERS: dict[str, tuple[str, torchserve.TorchServeConfig | str]] = {
     "off": ("tta-serve, adaptation off (binary v2 uint8)", "off"),
     "sync": ("tta-serve, EATA sync (binary v2 uint8)", "sync"),
     "async": ("tta-serve, EATA async (binary v2 uint8)", "async"),
+    "off-2w": ("tta-serve, adaptation off, 2 worker processes (--workers 2)", "off:2"),
+    "sync-2w": ("tta-serve, EATA sync, 2 worker processes (worker 0 adapts)", "sync:2"),
 }
 WARMUP_S = 2.0
 
@@ -73,16 +76,22 @@ class Target:
 
 
 @contextmanager
-def tta_serve(mode: str, folder: Path, weights: Path, data: Path, images: np.ndarray) -> Iterator[Target]:
-    """``tta-serve serve`` in ``mode`` (server_throughput's configs: batch 64, the server's own threads and delay)."""
+def tta_serve(kind: str, folder: Path, weights: Path, data: Path, images: np.ndarray) -> Iterator[Target]:
+    """``tta-serve serve`` in ``kind`` = ``mode`` or ``mode:workers`` (server_throughput's configs: batch 64, the
+    server's own threads and delay; with workers, each worker takes its share of the cores)."""
+    mode, _, workers = kind.partition(":")
     config = write_config(folder, mode, weights, 64, None, data)
-    replica = Replica(config, name=mode, threads=None).start()
+    env = {"TTA_WORKERS": workers} if workers else None
+    replica = Replica(config, name=kind.replace(":", "-"), threads=None, env=env).start()
     try:
         replica.wait_ready()
+        if workers:
+            wait_workers(replica.base, int(workers))
         bodies, headers = v2_bodies(images)
         path = "/v2/models/resnet20/infer"
-        size = write_bodies(folder / f"{mode}.bodies", bodies)
-        yield Target(replica.port, path, folder / f"{mode}.bodies", size, headers,
+        bodies_file = folder / f"{replica.name}.bodies"
+        size = write_bodies(bodies_file, bodies)
+        yield Target(replica.port, path, bodies_file, size, headers,
                      raw_post_requests(path, bodies, headers))
     finally:
         replica.stop()
