@@ -28,6 +28,14 @@ class ProcessError(RuntimeError):
     """A helper process that would not start (the message says which, and its log's tail)."""
 
 
+def require_binary(name: str, why: str, package: str, error: type[Exception] = ProcessError) -> str:
+    """The ``name`` executable, or ``error`` saying why it is needed and which Debian package has it."""
+    path = shutil.which(name)
+    if path is None:
+        raise error(f"{name} is not installed: {why} (Debian/Ubuntu: apt-get install -y {package})")
+    return path
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))

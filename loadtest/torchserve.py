@@ -27,7 +27,7 @@ from pathlib import Path
 
 import httpx
 
-from loadtest.processes import HOST, ProcessError, _tail, free_port
+from loadtest.processes import HOST, ProcessError, _tail, free_port, require_binary
 
 TORCHSERVE_VERSION = "0.12.0"
 TORCH_PIN = "torch==2.13.0"  # the project's own pin (pyproject.toml): a CPU wheel on local disk
@@ -55,11 +55,7 @@ def default_cache_dir() -> Path:
 
 def require_java() -> str:
     """The ``java`` executable TorchServe's frontend runs on, or a clear error naming the package."""
-    java = shutil.which("java")
-    if java is None:
-        raise ProcessError("java is not installed: TorchServe's frontend needs a Java 11+ runtime "
-                           "(Debian/Ubuntu: apt-get install -y openjdk-17-jre-headless)")
-    return java
+    return require_binary("java", "TorchServe's frontend needs a Java 11+ runtime", "openjdk-17-jre-headless")
 
 
 def ensure_venv(cache_dir: Path, log=print) -> Path:

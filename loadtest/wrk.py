@@ -11,10 +11,11 @@ summary that :func:`run_wrk` parses.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+from loadtest.processes import require_binary
 
 LUA_SCRIPT = Path(__file__).with_name("wrk_bodies.lua")
 MARKER = "WRK_JSON "
@@ -26,11 +27,7 @@ class WrkError(RuntimeError):
 
 def wrk_binary() -> str:
     """The ``wrk`` executable, or a clear error naming the package to install."""
-    binary = shutil.which("wrk")
-    if binary is None:
-        raise WrkError("wrk is not installed: the side-by-side benchmark drives every server with it "
-                       "(Debian/Ubuntu: apt-get install -y wrk)")
-    return binary
+    return require_binary("wrk", "the side-by-side benchmark drives every server with it", "wrk", WrkError)
 
 
 def write_bodies(path: Path, bodies: Sequence[bytes]) -> int:
