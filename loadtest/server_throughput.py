@@ -37,6 +37,7 @@ from rich.table import Table
 from adapters.models import build_cifar_resnet
 from benchmarks.data import checkpoint_path, cifar10_test_path
 from service.v2_client import binary_request
+from service.workers import WORKER_HEADER
 
 MODES = {
     "off": {"method": "source"},
@@ -118,14 +119,14 @@ def wait_workers(base: str, workers: int, timeout: float = 180) -> None:
     while len(seen) < workers:
         if time.monotonic() > deadline:
             raise RuntimeError(f"only workers {sorted(seen)} of {workers} answered")
-        seen.add(httpx.get(f"{base}/v2/health/ready", timeout=5).headers.get("x-tta-worker", "0"))
+        seen.add(httpx.get(f"{base}/v2/health/ready", timeout=5).headers.get(WORKER_HEADER, "0"))
 
 
 def adapted_samples(base: str, model: str) -> int:
     """Images the adapting worker (worker 0 of a ``--workers`` server) has stepped on so far."""
     for _ in range(200):  # new connections until worker 0 answers (the kernel picks one per connection)
         response = httpx.get(f"{base}/v1/models/{model}/adaptation", timeout=10)
-        if response.headers.get("x-tta-worker", "0") == "0":
+        if response.headers.get(WORKER_HEADER, "0") == "0":
             return int(response.json()["samples_seen"])
     raise RuntimeError("worker 0 never answered")
 

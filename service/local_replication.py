@@ -21,7 +21,7 @@ from typing import Any
 
 import adapters
 from adapters.serialization import StateDecodeError, state_from_bytes, state_to_bytes
-from service.replication_contract import ReplicatedModel, StateRefused
+from service.replication_contract import ReplicatedModel, StateRefused, count_refusal
 from service.settings import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -157,8 +157,7 @@ class LocalReplica:
         except StateRefused as exc:
             log.error("model %s: worker %s refused published parameters v%s: %s", self.model, self.worker,
                       version, exc)
-            key = str(exc).split(" ")[0]
-            self.refused[key] = self.refused.get(key, 0) + 1
+            count_refusal(self.refused, str(exc))
         self.loaded_version = version  # a refused version is not retried
 
     def _fault(self, message: str) -> None:

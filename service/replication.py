@@ -33,7 +33,7 @@ import redis.asyncio as aioredis
 from adapters.serialization import StateDecodeError
 from service.errors import StoreUnavailable
 from service.redis_state import LeaderLease, LeaseLost, ParameterChannel, RedisConnection
-from service.replication_contract import ReplicatedModel, StateRefused
+from service.replication_contract import ReplicatedModel, StateRefused, count_refusal
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +119,7 @@ class Replica:
 
     def _refuse(self, version: int, reason: str) -> None:
         log.error("model %s: refused published parameters v%s: %s", self.model, version, reason)
-        key = reason.split(" ")[0]
-        self.refused[key] = self.refused.get(key, 0) + 1
+        count_refusal(self.refused, reason)
         self.loaded_version = max(self.loaded_version, version)  # do not retry the same bad version
 
     # ------------------------------------------------------------------ the background loop

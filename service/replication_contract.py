@@ -18,6 +18,13 @@ class StateRefused(ValueError):
     """A published state this model cannot load (another method or model, or unreadable); says why."""
 
 
+def count_refusal(refused: dict[str, int], reason: str) -> None:
+    """Count a refused state under its reason's first word ("method", "model", ...): the key every
+    replication peer reports in ``refused_snapshots``, whichever transport refused it."""
+    key = reason.split(" ")[0]
+    refused[key] = refused.get(key, 0) + 1
+
+
 class ReplicatedModel(Protocol):
     """What a served model offers replication (the engine implements it)."""
 
