@@ -34,6 +34,8 @@ from adapters.robust_norm import (
     StatisticsMode,
     commit,
     load_statistics_state,
+    normalise_blended,
+    normalise_split,
     probing,
     recording,
     statistics_state,
@@ -220,10 +222,11 @@ class Adapter:
         self.class_mix = ClassMixMonitor(options.diversity_momentum)
         auto = getattr(options, "bn_stats", "batch") == "auto"
         self.switch = CorrelationSwitch(options.bn_switch) if auto else None  # type: ignore[attr-defined]
-        # Only a configured gate reads the class mix: without one, no histogram (and no host sync) per step.
+        # Only a configured gate reads the class mix (the switch judges batches without it): without one, no
+        # histogram (and no host sync) per step.
         gates = (options.lame.max_class_diversity, getattr(options, "min_class_diversity", None),
                  getattr(options, "bn_min_class_diversity", None))
-        self.watches_class_mix = self.switch is not None or any(g is not None for g in gates)
+        self.watches_class_mix = self.switch is None and any(g is not None for g in gates)
         self.num_classes = num_classes
         self.prob_cache: ProbabilityCache = prob_cache or InProcessProbabilityCache()
         self.source_params = {name: p.detach().clone() for name, p in self.params.items()}
@@ -277,33 +280,57 @@ class Adapter:
         gated = self._choose_statistics(x.shape[0])
         with torch.no_grad(), self._capturing_features():
             logits = self.forward(x)
-            diversity = self.class_mix.score(logits) if self.watches_class_mix and gated else 1.0
+            diversity = self._gate_diversity(logits, gated, record=False)
             returned = self.correct_output(self.calibrate(x, logits), diversity, gated)
             return returned, self.model_divergence(logits)
 
+    @property
+    def _probe_layers(self) -> int:
+        """How many (shallow) BatchNorm layers the probe, and correlated-mode serving, normalise with the batch."""
+        return max(1, round(self.options.bn_switch.batch_layers * len(self.robust_layers)))  # type: ignore[attr-defined]
+
     def _choose_statistics(self, n: int) -> bool:
-        """``bn_stats='auto'``: set what this pass normalises with; returns whether the class-mix gates act
-        (always True without the switch). A batch too small to estimate statistics uses the average."""
+        """``bn_stats='auto'``: set what this pass normalises with; returns whether the traffic is judged
+        correlated, i.e. whether the gates act (always True without the switch, where each gate judges the
+        batch alone). While correlated a batch is normalised as the probe normalises it (shallow layers the
+        batch, deep ones the source); a batch too small to estimate statistics uses the moving average."""
         if self.switch is None:
             return True
-        blend = 1.0 if not self.switch.correlated and n >= AUTO_MIN_BATCH else self.options.bn_momentum  # type: ignore[attr-defined]
-        for layer in self.robust_layers:
-            layer.blend = blend
+        if n < AUTO_MIN_BATCH:
+            normalise_blended(self.robust_layers, self.options.bn_momentum)  # type: ignore[attr-defined]
+        elif self.switch.correlated:
+            normalise_split(self.robust_layers, self._probe_layers)
+        else:
+            normalise_blended(self.robust_layers, 1.0)
         return self.switch.correlated
+
+    def _gate_diversity(self, served: torch.Tensor, gated: bool, record: bool) -> float:
+        """The batch's class diversity the gates (``lame``, ``min_class_diversity``, ``bn_min_class_diversity``)
+        compare with their thresholds; 1.0 when they do not act.
+
+        With the switch (``bn_stats='auto'``) the diversity is relative to an i.i.d. batch of the same size:
+        the switch has already judged the traffic correlated, and the served predictions keep their class
+        signal (the probe's normalisation). Without it, relative to the recent traffic
+        (:class:`ClassMixMonitor`), whose memory is shorter than a long class run."""
+        if self.switch is not None:
+            return relative_class_diversity(served) if gated else 1.0
+        if not self.watches_class_mix:
+            return 1.0
+        return self.class_mix.observe(served) if record else self.class_mix.score(served)
 
     def _judge_traffic(self, x: torch.Tensor, served: torch.Tensor, gated: bool) -> float:
         """Feed the correlation switch (``bn_stats='auto'``) a probe of this batch, and return the batch's
-        relative class diversity for the gates (1.0 when they do not act)."""
+        class diversity for the gates (:meth:`_gate_diversity`). While the traffic is judged correlated the
+        served pass was normalised as the probe is: it is the probe, and no extra pass runs."""
         switch = self.switch
         if switch is not None and x.shape[0] >= AUTO_MIN_BATCH and switch.probe_due():
-            batch_layers = max(1, round(switch.options.batch_layers * len(self.robust_layers)))
-            with torch.no_grad(), probing(self.robust_layers, batch_layers), auxiliary_pass(self.model):
-                probe = self.model(x[: switch.options.probe_images])
+            if gated:
+                probe = served
+            else:
+                with torch.no_grad(), probing(self.robust_layers, self._probe_layers), auxiliary_pass(self.model):
+                    probe = self.model(x[: switch.options.probe_images])
             switch.observe(relative_class_diversity(probe), probe.shape[0])
-        if not self.watches_class_mix:
-            return 1.0
-        diversity = self.class_mix.observe(served)  # observed while i.i.d. too: the reference stays warm
-        return diversity if gated else 1.0
+        return self._gate_diversity(served, gated, record=True)
 
     def step(self, x: torch.Tensor, on_prediction: PredictionCallback | None = None) -> StepResult:
         """Predict ``x`` and, for adapting methods, take one update step on it.
@@ -323,7 +350,8 @@ class Adapter:
         ent = entropy(detached)
         diversity = self._judge_traffic(x, detached, gated)
         bn_gate = getattr(self.options, "bn_min_class_diversity", None)
-        commit(self.robust_layers, keep=bn_gate is None or diversity >= bn_gate)
+        # 'auto': the moving average follows i.i.d. traffic only (correlated mode does not normalise with it).
+        commit(self.robust_layers, keep=(bn_gate is None or diversity >= bn_gate) and not (self.switch and gated))
         reliable, selected = self.select(detached, ent)
         returned = self.correct_output(self.calibrate(x, detached), diversity, gated)
         divergence = self.model_divergence(detached)
@@ -331,7 +359,10 @@ class Adapter:
             on_prediction(returned, ent, reliable, selected, divergence)
         loss_value: float | None = None
         updated = False
-        if self.updates_parameters and bool(selected.any()) and self.update_allowed(diversity):
+        # 'auto' never updates while the traffic is judged correlated: entropy minimisation on a run of one class
+        # teaches the model that class, whatever gate looks at the batch (docs/benchmarks.md, "Long class runs").
+        learn = self.switch is None or not gated
+        if self.updates_parameters and learn and bool(selected.any()) and self.update_allowed(diversity):
             if grad_forward:
                 loss = self.loss(x, logits, selected)
             else:

@@ -130,6 +130,10 @@ class SwitchOptions(BaseModel):
     )
     probe_images: int = Field(64, ge=2, description="images of a batch the probe re-predicts")
     probe_every: int = Field(4, ge=1, description="probe every this many adaptation steps")
+    always_correlated: bool = Field(
+        False, description="treat all traffic as correlated (correlated_traffic 'always'); probes are still "
+        "scored, for the metrics"
+    )
 
     @model_validator(mode="after")
     def _hysteresis(self) -> SwitchOptions:
@@ -160,7 +164,7 @@ class CorrelationSwitch:
     def __init__(self, options: SwitchOptions) -> None:
         self.options = options
         self.smoothed = 1.0
-        self.correlated = False
+        self.correlated = options.always_correlated
         self.switches = 0
         self._steps = 0
 
@@ -176,6 +180,8 @@ class CorrelationSwitch:
         opts = self.options
         weight = (1 - opts.smoothing) * min(1.0, (images or opts.probe_images) / opts.probe_images)
         self.smoothed = (1 - weight) * self.smoothed + weight * diversity
+        if opts.always_correlated:
+            return True
         now = self.smoothed < opts.enter if not self.correlated else self.smoothed <= opts.leave
         if now != self.correlated:
             self.switches += 1
@@ -183,7 +189,7 @@ class CorrelationSwitch:
         return now
 
     def reset(self) -> None:
-        self.smoothed, self.correlated = 1.0, False
+        self.smoothed, self.correlated = 1.0, self.options.always_correlated
 
     def state_dict(self) -> dict[str, Any]:
         return {"smoothed": self.smoothed, "correlated": self.correlated, "switches": self.switches,

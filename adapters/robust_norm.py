@@ -10,10 +10,15 @@ fixes from the literature, neither with an extra forward pass:
   class shifts it by little; a new corruption is followed within ~1/momentum batches.
 * ``mix`` (alpha-BN): normalise with ``(1 - alpha) * source + alpha * batch``; no state, so it never
   follows a domain fully, but never drifts either.
-* ``auto``: ``ema``'s moving average is kept, but what a batch is normalised with is switched by
+* ``auto``: what a batch is normalised with is switched by
   :class:`adapters.correlation.CorrelationSwitch`: the batch's own statistics (the papers) while the
-  traffic looks i.i.d., the moving average while it looks class-correlated. Each layer's ``blend`` (the
-  batch's weight in the normalisation) is set per step; ``momentum`` (its weight in the average) is not.
+  traffic looks i.i.d.; while it looks class-correlated, the probe's split (:func:`normalise_split`):
+  the shallow layers the batch's statistics, which undo a corruption for any class mix, the deep ones
+  the source statistics, which keep the class signal of a one-class batch. No moving average follows
+  the traffic in correlated mode: on runs of one class longer than ~1/momentum batches (the
+  mariodoebler benchmark's 1,000-image runs) any average of raw batches becomes that class's
+  statistics (measured: docs/benchmarks.md, "Long class runs"). ``ema``'s average is kept, recorded
+  only while the traffic looks i.i.d., for batches too small to estimate statistics.
 
 Layers are replaced by :class:`RobustBatchNorm`, which keeps the original affine parameters (the same
 ``Parameter`` objects, so names, optimiser and Fisher information are unchanged). Gradients flow
@@ -181,6 +186,19 @@ def load_statistics_state(layers: list[RobustBatchNorm], state: list[tuple[torch
             layer.running_var.copy_(var)
 
 
+def normalise_split(layers: list[RobustBatchNorm], batch_layers: int) -> None:
+    """From now on the first ``batch_layers`` layers normalise with the batch alone and the rest with the
+    source statistics (the probe's split; ``bn_stats='auto'`` serves with it while traffic is correlated)."""
+    for i, layer in enumerate(layers):
+        layer.blend, layer.use_source = 1.0, i >= batch_layers
+
+
+def normalise_blended(layers: list[RobustBatchNorm], blend: float) -> None:
+    """From now on every layer normalises with ``blend`` of the batch and the rest its moving average."""
+    for layer in layers:
+        layer.blend, layer.use_source = blend, False
+
+
 @contextmanager
 def probing(layers: list[RobustBatchNorm], batch_layers: int) -> Iterator[None]:
     """Inside, the first ``batch_layers`` layers normalise with the batch alone and the rest with the
@@ -190,8 +208,7 @@ def probing(layers: list[RobustBatchNorm], batch_layers: int) -> Iterator[None]:
     statistics undo for any class mix; the classes live in the deep layers, whose fixed source
     statistics keep a one-class batch looking like one class (measured: docs/benchmarks.md)."""
     before = [(layer.blend, layer.use_source) for layer in layers]
-    for i, layer in enumerate(layers):
-        layer.blend, layer.use_source = 1.0, i >= batch_layers
+    normalise_split(layers, batch_layers)
     try:
         yield
     finally:

@@ -187,8 +187,9 @@ _HEALTH_GAUGES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("batch_distinct_classes_ratio", "distinct predicted classes per served batch over the number expected for "
      "shuffled traffic with the same class mix, mean of recent batches (about 1: shuffled; about 1/k: each batch "
      "holds one of k classes, i.e. class-correlated traffic)", MODEL_METHOD),
-    ("traffic_correlated", "1: correlated_traffic 'auto' judges the traffic class-correlated and serves robust "
-     "statistics, the update gate and gated LAME; 0: i.i.d., served as the papers", MODEL_METHOD),
+    ("traffic_correlated", "1: correlated_traffic 'auto' judges the traffic class-correlated (always 1 under "
+     "'always') and serves the probe's statistics, no update and gated LAME; 0: i.i.d., served as the papers",
+     MODEL_METHOD),
     ("traffic_class_diversity_ratio", "correlated_traffic 'auto': smoothed class diversity of its probe (the batch "
      "with shallow batch and deep source statistics) over an i.i.d. batch's of the same size; below "
      "bn_switch.enter (0.825 by default) it switches to correlated, above bn_switch.leave (0.875) back",

@@ -25,21 +25,16 @@ MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 BUILTIN_ARCHITECTURES = ("digits", "resnet20", "resnet32", "resnet44", "resnet56")
 
 
-#: What ``correlated_traffic`` serves, per value. ``always``: robust BatchNorm statistics (a moving average
-#: from the source statistics, RoTTA's RBN), no update on a batch whose predicted classes look correlated,
-#: and LAME's output correction on such batches only. ``auto`` (the default): the papers' batch statistics
-#: while the traffic looks i.i.d. and all of ``always`` while it looks class-correlated, switched per
-#: stream (:class:`adapters.correlation.CorrelationSwitch`). ``never``: the papers. Thresholds chosen on the
+#: What ``correlated_traffic`` serves, per value. ``auto`` (the default): the papers while the traffic looks
+#: i.i.d.; while it looks class-correlated (:class:`adapters.correlation.CorrelationSwitch`, per stream) the
+#: probe's normalisation (shallow BatchNorm layers the batch's statistics, deep ones the source's), no update,
+#: and LAME's output correction on batches whose predicted classes are less diverse than an i.i.d. batch's.
+#: ``always``: the correlated mode of ``auto`` throughout. ``never``: the papers. Thresholds chosen on the
 #: validation corruptions (docs/benchmarks.md, "Class-correlated streams"), never on the reported stream.
+_CORRELATED_MODE = {"bn_stats": "auto", "lame": {"enabled": True, "max_class_diversity": 0.9}}
 CORRELATED_TRAFFIC: dict[str, dict[str, dict[str, Any]]] = {
-    "always": {
-        "batch_statistics": {"bn_stats": "ema", "lame": {"enabled": True, "max_class_diversity": 0.7}},
-        "updates": {"min_class_diversity": 0.8},
-    },
-    "auto": {
-        "batch_statistics": {"bn_stats": "auto", "lame": {"enabled": True, "max_class_diversity": 0.7}},
-        "updates": {"min_class_diversity": 0.8},
-    },
+    "always": {"batch_statistics": _CORRELATED_MODE | {"bn_switch": {"always_correlated": True}}, "updates": {}},
+    "auto": {"batch_statistics": _CORRELATED_MODE, "updates": {}},
     "never": {"batch_statistics": {}, "updates": {}},
 }
 CorrelatedTraffic = Literal["auto", "always", "never"]

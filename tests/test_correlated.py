@@ -265,21 +265,61 @@ def test_a_small_probe_is_judged_against_a_small_iid_batch_and_counts_for_less()
     assert [small.probe_due() for _ in range(5)] == [True, False, False, False, True]  # the first step probes
 
 
-def test_auto_statistics_are_the_papers_while_iid_and_the_moving_average_while_correlated():
-    x, others = images(8, seed=1), images(24, seed=2)
-    papers = adapters.create("norm", small_bn_cnn())
+def split_reference(
+    model: torch.nn.Module, weights: dict[str, torch.Tensor], batch_layers: int
+) -> torch.nn.Module:
+    """The source model with ``weights`` (affine parameters), its first ``batch_layers`` BatchNorm layers on
+    batch statistics and the rest on the source ones: plain PyTorch flags, independent of the robust layers."""
+    import copy
+
+    reference = copy.deepcopy(model).eval()
+    reference.load_state_dict(weights, strict=False)
+    norms = [m for m in reference.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for layer in norms[:batch_layers]:
+        layer.train()
+        layer.track_running_stats, layer.running_mean, layer.running_var = False, None, None
+    return reference
+
+
+def test_auto_statistics_are_the_papers_while_iid_and_the_probe_split_while_correlated():
+    """While the traffic looks i.i.d. ``auto`` is the papers; once judged correlated it answers as the probe
+    normalises (shallow layers the batch, deep ones the source) and neither updates the weights nor moves
+    the moving average: a long run of one class cannot teach the model that class."""
+    model = small_bn_cnn()
+    batch = images(32, seed=2)
+    papers = adapters.create("tent", model)
     # An untrained network predicts few classes: keep the switch from judging that correlated here.
-    auto = adapters.create("norm", small_bn_cnn(), bn_stats="auto", bn_switch={"enter": 0.0, "leave": 0.0})
-    batch = torch.cat([x, others])
+    auto = adapters.create("tent", model, bn_stats="auto", bn_switch={"enter": 0.0, "leave": 0.0})
     torch.testing.assert_close(auto.step(batch).logits, papers.step(batch).logits, atol=1e-4, rtol=1e-4)
-    assert not auto.switch.correlated
+    assert not auto.switch.correlated and auto.stats.updates == 1
+
     auto.switch.correlated = True  # as after a sustained run of one-class batches
-    first = auto.predict(batch)[:8]
-    second = auto.predict(torch.cat([x, others * 0.2 + 0.8]))[:8]
-    assert float((first.softmax(1) - second.softmax(1)).abs().sum(1).mean()) < 0.05
+    weights, average = auto.adapted_parameters(), [layer.running_mean.clone() for layer in auto.robust_layers]
+    k = auto._probe_layers
+    assert 0 < k < len(auto.robust_layers)
+    reference = split_reference(model, weights, k)
+    with torch.no_grad():
+        expected = reference(images(32, seed=3))
+    result = auto.step(images(32, seed=3))
+    torch.testing.assert_close(result.logits, expected, atol=1e-4, rtol=1e-4)
+    assert not result.updated and auto.stats.updates == 1
+    for name, value in auto.adapted_parameters().items():
+        torch.testing.assert_close(value, weights[name])
+    for layer, before in zip(auto.robust_layers, average, strict=True):
+        torch.testing.assert_close(layer.running_mean, before)
     assert auto.state_dict()["switch"]["correlated"]
     auto.reset()
     assert not auto.switch.correlated
+
+
+def test_always_serves_the_correlated_mode_from_the_first_batch():
+    always = adapters.create("eata", small_bn_cnn(), bn_stats="auto", bn_switch={"always_correlated": True})
+    assert always.switch.correlated
+    for seed in range(3):
+        assert not always.step(images(32, seed=seed)).updated
+    assert always.switch.correlated and always.stats.updates == 0
+    always.reset()
+    assert always.switch.correlated
 
 
 def class_sorted(x, y, n, seed=0):

@@ -343,27 +343,32 @@ def test_a_model_the_probe_finds_worse_than_its_source_is_reset(margin, resets):
     assert (info["health"]["parameter_drift_ratio"] == 0.0) == bool(resets)  # back at the source weights
 
 
-def test_correlated_traffic_serves_robust_statistics_gates_and_lame_and_replicates_them():
-    """``correlated_traffic``: robust BatchNorm statistics (a lone image needs no batch-mates), the update
-    gate and LAME, explicit options winning; a follower loading the leader's state answers as it does."""
+def test_correlated_traffic_serves_the_switch_and_lame_and_replicates_them():
+    """``correlated_traffic``: the switch's correlated mode (``always``: throughout, so no update) with LAME,
+    a lone image answered from the moving average, explicit options winning; under ``auto`` (kept i.i.d.
+    here) a follower loading the leader's state answers as it does."""
     async def scenario():
-        leader = await started(make_engine(method="eata", correlated_traffic=True, options={"e0": 10.0}))
-        follower = await started(make_engine(method="eata", correlated_traffic=True, options={"e0": 10.0}))
+        always = await started(make_engine(method="eata", correlated_traffic=True, options={"e0": 10.0}))
+        iid = {"e0": 10.0, "bn_switch": {"enter": 0.0, "leave": 0.0}}  # an untrained model predicts few classes
+        leader = await started(make_engine(method="eata", correlated_traffic="auto", options=iid))
+        follower = await started(make_engine(method="eata", correlated_traffic="auto", options=iid))
         for seed in range(4):
+            await always.predict(images(16, seed=seed))
             await leader.predict(images(16, seed=seed))  # adaptation steps move weights and statistics
         lone = await leader.predict(images(1, seed=9))
         follower.import_state(leader.export_state(), version=7)
         x = images(16, seed=11)
         a, b = leader.adapter.predict(x), follower.adapter.predict(x)
-        await leader.stop()
-        await follower.stop()
-        return leader, follower, lone, a, b
+        for engine in (always, leader, follower):
+            await engine.stop()
+        return always, leader, follower, lone, a, b
 
-    leader, follower, lone, a, b = run(scenario())
-    options = leader.adapter.options
-    assert options.bn_stats == "ema" and options.min_class_diversity == 0.8
-    assert options.lame.enabled and options.lame.max_class_diversity == 0.7 and options.e0 == 10.0
-    assert leader.small_batch.frozen_fallbacks == 0 and len(lone) == 1  # the robust statistics answered
+    always, leader, follower, lone, a, b = run(scenario())
+    options = always.adapter.options
+    assert options.bn_stats == "auto" and options.bn_switch.always_correlated
+    assert options.lame.enabled and options.lame.max_class_diversity == 0.9 and options.e0 == 10.0
+    assert always.adapter.switch.correlated and always.adapter.stats.updates == 0
+    assert leader.small_batch.frozen_fallbacks == 0 and len(lone) == 1  # the moving average answered
     assert leader.adapter.stats.updates > 0
     torch.testing.assert_close(a, b)  # parameters and moving statistics came over
     assert follower.adapter.stats.parameter_version == 7
@@ -371,7 +376,7 @@ def test_correlated_traffic_serves_robust_statistics_gates_and_lame_and_replicat
     assert plain.bn_stats == "batch" and not plain.lame.enabled  # 'never' (false): the papers
     assert ModelConfig(name="m", architecture="digits").correlated_traffic == "auto"  # the served default
     auto = make_engine(method="eata", correlated_traffic="auto").adapter
-    assert auto.options.bn_stats == "auto" and auto.options.lame.max_class_diversity == 0.7
+    assert auto.options.bn_stats == "auto" and auto.options.lame.max_class_diversity == 0.9
     assert auto.switch is not None and not auto.switch.correlated
 
 
