@@ -192,7 +192,7 @@ _HEALTH_GAUGES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
      MODEL_METHOD),
     ("traffic_class_diversity_ratio", "correlated_traffic 'auto': smoothed class diversity of its probe (the batch "
      "with shallow batch and deep source statistics) over an i.i.d. batch's of the same size; below "
-     "bn_switch.enter (0.825 by default) it switches to correlated, above bn_switch.leave (0.875) back",
+     "bn_switch.enter (0.825 by default) it switches to correlated, above bn_switch.leave (0.95) back",
      MODEL_METHOD),
     ("mean_divergence_nats", "mean model divergence (KL full network -> sub-network, nats) over the recent "
      "predictions of the health window (EATA-C only)", MODEL_METHOD),
