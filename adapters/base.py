@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -278,11 +278,37 @@ class Adapter:
         """:meth:`predict`'s logits and each sample's :meth:`model_divergence` (None without one)."""
         x = x.to(self.device)
         gated = self._choose_statistics(x.shape[0])
-        with torch.no_grad(), self._capturing_features():
+        with torch.no_grad(), self._capturing_features(), self._source_weights(self._correlated_mode(gated, x)):
             logits = self.forward(x)
             diversity = self._gate_diversity(logits, gated, record=False)
             returned = self.calibrate(x, self.correct_output(logits, diversity, gated))
             return returned, self.model_divergence(logits)
+
+    def _correlated_mode(self, gated: bool, x: torch.Tensor) -> bool:
+        """Whether this pass serves ``bn_stats='auto'``'s correlated mode (the probe's normalisation)."""
+        return self.switch is not None and gated and x.shape[0] >= AUTO_MIN_BATCH
+
+    @contextmanager
+    def _source_weights(self, active: bool) -> Iterator[None]:
+        """Inside (when ``active``), the adapted parameters hold their source values; restored on exit.
+
+        Why: the probe, and the correlated mode that answers with its normalisation, pair the deep layers'
+        source statistics with affine parameters; adapted ones were learned under batch statistics and do
+        not fit them (on shuffled impulse noise EATA-C's adapted weights made an i.i.d. probe read
+        correlated). With the source's, the probe judges the traffic alone, whatever adaptation did, which
+        is what its thresholds were chosen on (``benchmarks/correlation_probe.py`` probes the source model).
+        """
+        if not active or not self.params:
+            yield
+            return
+        adapted = [p.detach().clone() for p in self.params.values()]
+        with torch.no_grad():
+            torch._foreach_copy_(list(self.params.values()), [self.source_params[n] for n in self.params])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(list(self.params.values()), adapted)
 
     @property
     def _probe_layers(self) -> int:
@@ -327,8 +353,10 @@ class Adapter:
             if gated:
                 probe = served
             else:
+                # The source weights by reparametrisation, not in place: the step's graph holds the adapted ones.
                 with torch.no_grad(), probing(self.robust_layers, self._probe_layers), auxiliary_pass(self.model):
-                    probe = self.model(x[: switch.options.probe_images])
+                    head = x[: switch.options.probe_images]
+                    probe = torch.func.functional_call(self.model, self.source_params, (head,))
             switch.observe(relative_class_diversity(probe), probe.shape[0])
         return self._gate_diversity(served, gated, record=True)
 
@@ -340,28 +368,29 @@ class Adapter:
         known, before the backward pass: a server answers its clients while the update runs.
         """
         x = x.to(self.device)
-        grad_forward = self.updates_parameters and self.options.backward == "full"  # type: ignore[attr-defined]
         gated = self._choose_statistics(x.shape[0])
-        with torch.set_grad_enabled(grad_forward), recording(self.robust_layers), self._capturing_features():
-            logits = self.forward(x)
-        if self.num_classes is None:
-            self.num_classes = logits.shape[1]
-        detached = logits.detach()
-        ent = entropy(detached)
-        diversity = self._judge_traffic(x, detached, gated)
-        bn_gate = getattr(self.options, "bn_min_class_diversity", None)
-        # 'auto': the moving average follows i.i.d. traffic only (correlated mode does not normalise with it).
-        commit(self.robust_layers, keep=(bn_gate is None or diversity >= bn_gate) and not (self.switch and gated))
-        reliable, selected = self.select(detached, ent)
-        returned = self.calibrate(x, self.correct_output(detached, diversity, gated))
-        divergence = self.model_divergence(detached)
+        # 'auto' never updates while the traffic is judged correlated: entropy minimisation on a run of one class
+        # teaches the model that class, whatever gate looks at the batch (docs/benchmarks.md, "Long class runs").
+        learn = self.switch is None or not gated
+        grad_forward = self.updates_parameters and learn and self.options.backward == "full"  # type: ignore[attr-defined]
+        with self._source_weights(self._correlated_mode(gated, x)):
+            with torch.set_grad_enabled(grad_forward), recording(self.robust_layers), self._capturing_features():
+                logits = self.forward(x)
+            if self.num_classes is None:
+                self.num_classes = logits.shape[1]
+            detached = logits.detach()
+            ent = entropy(detached)
+            diversity = self._judge_traffic(x, detached, gated)
+            bn_gate = getattr(self.options, "bn_min_class_diversity", None)
+            # 'auto': the moving average follows i.i.d. traffic only (correlated mode does not normalise with it).
+            commit(self.robust_layers, keep=(bn_gate is None or diversity >= bn_gate) and not (self.switch and gated))
+            reliable, selected = self.select(detached, ent)
+            returned = self.calibrate(x, self.correct_output(detached, diversity, gated))
+            divergence = self.model_divergence(detached)
         if on_prediction is not None:
             on_prediction(returned, ent, reliable, selected, divergence)
         loss_value: float | None = None
         updated = False
-        # 'auto' never updates while the traffic is judged correlated: entropy minimisation on a run of one class
-        # teaches the model that class, whatever gate looks at the batch (docs/benchmarks.md, "Long class runs").
-        learn = self.switch is None or not gated
         if self.updates_parameters and learn and bool(selected.any()) and self.update_allowed(diversity):
             if grad_forward:
                 loss = self.loss(x, logits, selected)

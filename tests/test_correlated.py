@@ -284,8 +284,9 @@ def split_reference(
 
 def test_auto_statistics_are_the_papers_while_iid_and_the_probe_split_while_correlated():
     """While the traffic looks i.i.d. ``auto`` is the papers; once judged correlated it answers as the probe
-    normalises (shallow layers the batch, deep ones the source) and neither updates the weights nor moves
-    the moving average: a long run of one class cannot teach the model that class."""
+    does (the source weights, shallow layers normalised with the batch, deep ones with the source) and
+    neither updates the weights nor moves the moving average, and the adapted weights are kept for when
+    the traffic is i.i.d. again: a long run of one class cannot teach the model that class."""
     model = small_bn_cnn()
     batch = images(32, seed=2)
     papers = adapters.create("tent", model)
@@ -298,7 +299,7 @@ def test_auto_statistics_are_the_papers_while_iid_and_the_probe_split_while_corr
     weights, average = auto.adapted_parameters(), [layer.running_mean.clone() for layer in auto.robust_layers]
     k = auto._probe_layers
     assert 0 < k < len(auto.robust_layers)
-    reference = split_reference(model, weights, k)
+    reference = split_reference(model, {}, k)  # the source weights: adapted ones do not fit source statistics
     with torch.no_grad():
         expected = reference(images(32, seed=3))
     result = auto.step(images(32, seed=3))
