@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--adaptation", default="off,papers,on,robust",
                         help="off: the frozen model; papers: --method as published (correlated_traffic never); on: "
                         "--method with the served defaults (correlated_traffic auto); robust: correlated_traffic "
-                        "always (robust statistics, update gate, gated LAME throughout)")
+                        "always (auto's correlated mode throughout: the probe's statistics, no update, gated LAME)")
     parser.add_argument("--method", default="eata", help="the adapting method (its served defaults)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the server")
     parser.add_argument("--json", type=Path)
