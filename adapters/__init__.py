@@ -18,6 +18,7 @@ from adapters.base import (
     StepResult,
     entropy,
 )
+from adapters.confidence_map import fit_confidence_map
 from adapters.configure import NoNormalizationError, model_hash
 from adapters.fisher import FisherInfo, FisherMismatchError, estimate_fisher
 from adapters.guard import RESET_REASONS, CollapseGuardOptions
@@ -50,6 +51,7 @@ __all__ = [
     "entropy",
     "estimate_fisher",
     "expected_calibration_error",
+    "fit_confidence_map",
     "forgetting",
     "method_options",
     "model_hash",

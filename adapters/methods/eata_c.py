@@ -24,8 +24,9 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
+from adapters.confidence_map import mapped_confidence
 from adapters.methods.eata import Eata, EataOptions
 from adapters.passes import auxiliary_pass
 from adapters.registry import register
@@ -36,8 +37,12 @@ class EataCOptions(EataOptions):
     drop_prob: float = Field(0.2, ge=0, lt=1, description="probability of dropping each residual branch")
     kl_weight: float = Field(1.0, ge=0, description="weight of KL(p_full || p_sub)")
     alpha_ent: float = Field(0.1, ge=0, description="weight of entropy maximisation where labels disagree")
-    confidence: Literal["full", "subnetwork"] = Field(
-        "subnetwork", description="'subnetwork': calibrate returned confidence by full/sub agreement"
+    confidence: Literal["full", "subnetwork", "fitted"] = Field(
+        "subnetwork", description="'subnetwork': calibrate returned confidence by full/sub agreement; 'fitted': "
+        "by confidence_map, fitted on clean labelled data (adapters.confidence_map)"
+    )
+    confidence_map: tuple[float, float] | None = Field(
+        None, description="(a, b) of conf = sigmoid(a + b * logit(p_top)), for confidence='fitted'"
     )
     confidence_samples: int = Field(
         2, ge=1, le=8, description="sub-network draws averaged for the returned confidence (the first is free: "
@@ -45,6 +50,12 @@ class EataCOptions(EataOptions):
     )
     seed: int = Field(0, ge=0, description="seed of the adapter's own generator for sub-network draws (saved in "
                       "state_dict, so a restored adapter draws what an uninterrupted one would)")
+
+    @model_validator(mode="after")
+    def _fitted_needs_a_map(self) -> EataCOptions:
+        if self.confidence == "fitted" and self.confidence_map is None:
+            raise ValueError("confidence='fitted' needs confidence_map (fit it with adapters.fit_confidence_map)")
+        return self
 
 
 def temperature_to_confidence(logits: torch.Tensor, target: torch.Tensor, iters: int = 30) -> torch.Tensor:
@@ -93,6 +104,9 @@ class EataC(Eata):
         return logits
 
     def calibrate(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if self.options.confidence == "fitted" and self.options.confidence_map is not None:
+            with torch.no_grad():
+                return temperature_to_confidence(logits, mapped_confidence(logits, self.options.confidence_map))
         if self.options.confidence == "full" or self._sub_logits is None:
             return logits
         with torch.no_grad():

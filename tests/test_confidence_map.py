@@ -1,0 +1,48 @@
+"""EATA-C's fitted confidence map (issue 17): Platt scaling of the top probability, fitted on clean data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import images, small_bn_cnn
+
+import adapters
+from adapters.confidence_map import mapped_confidence, top_probability_logit
+from adapters.methods.eata_c import temperature_to_confidence
+from adapters.metrics import expected_calibration_error
+
+
+def overconfident(n: int = 4000, accuracy: float = 0.7, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits whose top probability is about 0.99 while only ``accuracy`` of the labels are right."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, 10, generator=g)
+    predicted = logits.argmax(1)
+    logits[torch.arange(n), predicted] += 6.0
+    wrong = torch.rand(n, generator=g) > accuracy
+    labels = torch.where(wrong, (predicted + 1) % 10, predicted)
+    return logits, labels
+
+
+def test_a_fitted_map_turns_overconfidence_into_the_accuracy_it_has():
+    logits, labels = overconfident()
+    a, b = adapters.fit_confidence_map(logits[:2000], labels[:2000])
+    held_out, truth = logits[2000:], labels[2000:]
+    mapped = mapped_confidence(held_out, (a, b))
+    answered = temperature_to_confidence(held_out, mapped)  # what EATA-C returns: same labels, mapped confidence
+    assert torch.equal(answered.argmax(1), held_out.argmax(1))
+    assert float(mapped.mean()) == pytest.approx(0.7, abs=0.03)
+    assert expected_calibration_error(held_out, truth) > 20 and expected_calibration_error(answered, truth) < 5
+
+
+def test_eata_c_fitted_confidence_keeps_every_label_and_answers_the_maps_confidence():
+    model, x = small_bn_cnn(), images(32, seed=4)
+    full = adapters.create("eata-c", model, confidence="full").step(x).logits
+    fitted = adapters.create("eata-c", model, confidence="fitted", confidence_map=(-0.4, 0.5)).step(x).logits
+    assert torch.equal(fitted.argmax(1), full.argmax(1))
+    expected = torch.sigmoid(-0.4 + 0.5 * top_probability_logit(full)).float()
+    torch.testing.assert_close(fitted.softmax(1).max(1).values, expected, atol=1e-3, rtol=1e-3)
+
+
+def test_fitted_confidence_without_a_map_is_refused_by_name():
+    with pytest.raises(adapters.AdapterConfigError, match="confidence_map"):
+        adapters.create("eata-c", small_bn_cnn(), confidence="fitted")
