@@ -146,7 +146,7 @@ class ModelEngine:
             num_classes=len(loaded.classes),
             prob_cache=prob_cache,
             fisher=loaded.fisher,
-            **config.effective_options(),
+            **config.effective_options(loaded.confidence_map),
         )
         self.source = adapters.create("source", loaded.module)
         source_module = self.source.model  # eager: exported to ONNX for the agreement check

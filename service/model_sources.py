@@ -32,6 +32,8 @@ class LoadedModel:
     module: nn.Module
     classes: list[str]
     fisher: adapters.FisherInfo | None
+    #: EATA-C's confidence map fitted on ``confidence_data`` (None without it).
+    confidence_map: tuple[float, float] | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -89,6 +91,25 @@ def _fisher(config: ModelConfig, module: nn.Module) -> adapters.FisherInfo | Non
     return None
 
 
+def _confidence_map(config: ModelConfig, module: nn.Module) -> tuple[float, float] | None:
+    """Fit EATA-C's confidence map on ``confidence_data``, answering as EATA-C does before it adapts."""
+    if config.confidence_data is None:
+        return None
+    from adapters.confidence_map import fit_confidence_map
+    from adapters.datasets import load_images
+
+    x, y = load_images(config.confidence_data)
+    x, y = x[: config.confidence_size], y[: config.confidence_size]
+    batch = max(2, min(64, config.max_batch_size))
+    answering = adapters.create("eata-c", module, confidence="full")
+    with torch.no_grad():
+        logits = torch.cat([answering.predict(to_tensor(x[i : i + batch])).cpu() for i in range(0, len(y), batch)])
+    confidence_map = fit_confidence_map(logits, torch.as_tensor(y))
+    log.info("model %s: eata-c confidence map fitted on %d clean images: a=%.4f b=%.4f", config.name, len(y),
+             *confidence_map)
+    return confidence_map
+
+
 def load_model(config: ModelConfig, device: torch.device) -> LoadedModel:
     """Build, load and check a configured model; every failure becomes a :class:`ModelLoadError`."""
     try:
@@ -106,9 +127,10 @@ def load_model(config: ModelConfig, device: torch.device) -> LoadedModel:
         if len(classes) != probe.shape[1]:
             raise ValueError(f"{len(classes)} class names configured but the model has {probe.shape[1]} outputs")
         fisher = _fisher(config, module)
+        confidence_map = _confidence_map(config, module)
         module = module.to(device)
         if config.channels_last:
             module = module.to(memory_format=torch.channels_last)
-        return LoadedModel(module, classes, fisher)
+        return LoadedModel(module, classes, fisher, confidence_map)
     except (OSError, ValueError, TypeError, RuntimeError, ImportError, AttributeError, CheckpointError) as exc:
         raise ModelLoadError(f"model {config.name!r}: {exc}") from exc

@@ -89,6 +89,12 @@ class ModelConfig(BaseModel):
     fisher_data: Path | None = Field(None, description="clean images to estimate Fisher: an npz (x uint8 "
                                        "NxHxWx3, y), cifar-10-python.tar.gz or its cifar-10-batches-py/ folder")
     fisher_size: int = Field(500, ge=1, description="clean images used from fisher_data")
+    confidence_data: Path | None = Field(
+        None, description="eata-c: clean labelled images (npz x uint8 NxHxWx3 and y, or CIFAR-10 python data) to fit "
+        "its confidence map at start-up (confidence 'fitted', adapters.fit_confidence_map); calibrated on clean and "
+        "shifted traffic alike (docs/benchmarks.md)"
+    )
+    confidence_size: int = Field(2000, ge=2, description="images used from confidence_data")
     max_batch_size: int = Field(64, ge=1, le=4096)
     max_delay_ms: float = Field(
         0.0, ge=0, le=10_000, description="how long a batch waits to fill (default 0: a batch is whatever queued "
@@ -175,6 +181,8 @@ class ModelConfig(BaseModel):
             raise ValueError("factory must look like 'package.module:function'")
         if (self.mean is None) != (self.std is None):
             raise ValueError("give both 'mean' and 'std', or neither")
+        if self.confidence_data is not None and self.method != "eata-c":
+            raise ValueError(f"'confidence_data' fits eata-c's confidence map; method {self.method!r} has none")
         try:
             adapters.method_options(self.method, **self.effective_options())
         except adapters.AdapterConfigError as exc:
@@ -195,10 +203,15 @@ class ModelConfig(BaseModel):
         """Whether answers come from the forward pass of an adaptation step (the batching policy differs)."""
         return self.mode == "sync" and adapters.METHODS[self.method].updates_parameters
 
-    def effective_options(self) -> dict[str, Any]:
+    def effective_options(self, confidence_map: tuple[float, float] | None = None) -> dict[str, Any]:
         """Method options with the service's defaults applied (options set in the config always win):
-        the collapse guard, and for ``correlated_traffic`` the options of :data:`CORRELATED_TRAFFIC`."""
+        the collapse guard, for ``correlated_traffic`` the options of :data:`CORRELATED_TRAFFIC`, and with
+        ``confidence_data`` EATA-C's fitted confidence (``confidence_map``: the map fitted at start-up;
+        before it exists, validation uses the identity map)."""
         options = dict(self.options)
+        if self.confidence_data is not None and self.method == "eata-c":
+            options.setdefault("confidence", "fitted")
+            options.setdefault("confidence_map", confidence_map or (0.0, 1.0))
         method = adapters.METHODS.get(self.method)  # an unknown one is refused by the validator
         if method is None:
             return options
@@ -326,7 +339,7 @@ def _relative_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     """Model file paths in a config file are relative to that file."""
     for model in data.get("models", []) or []:
         if isinstance(model, dict):
-            for key in ("torchscript", "weights", "fisher", "fisher_data", "probe_data"):
+            for key in ("torchscript", "weights", "fisher", "fisher_data", "probe_data", "confidence_data"):
                 if isinstance(model.get(key), str) and not Path(model[key]).is_absolute():
                     model[key] = str(base / model[key])
     return data

@@ -46,3 +46,25 @@ def test_eata_c_fitted_confidence_keeps_every_label_and_answers_the_maps_confide
 def test_fitted_confidence_without_a_map_is_refused_by_name():
     with pytest.raises(adapters.AdapterConfigError, match="confidence_map"):
         adapters.create("eata-c", small_bn_cnn(), confidence="fitted")
+
+
+def test_the_server_fits_eata_cs_confidence_map_from_confidence_data_at_start_up(tmp_path):
+    import numpy as np
+
+    from adapters.models.digits import digits_split
+    from service.engine import ModelEngine
+    from service.model_sources import load_model
+    from service.settings import ModelConfig
+
+    (x, y), _ = digits_split()
+    data = tmp_path / "clean.npz"
+    np.savez(data, x=x[:600], y=y[:600])
+    config = ModelConfig(name="digits", architecture="digits", method="eata-c", confidence_data=data,
+                         confidence_size=500)
+    loaded = load_model(config, torch.device("cpu"))
+    assert loaded.confidence_map is not None and loaded.confidence_map != (0.0, 1.0)
+    engine = ModelEngine(config, loaded, device=torch.device("cpu"))
+    assert engine.adapter.options.confidence == "fitted"
+    assert engine.adapter.options.confidence_map == pytest.approx(loaded.confidence_map)
+    with pytest.raises(ValueError, match="confidence_data"):
+        ModelConfig(name="d", architecture="digits", method="eata", confidence_data=data)
