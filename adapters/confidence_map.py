@@ -48,3 +48,14 @@ def fit_confidence_map(logits: torch.Tensor, labels: torch.Tensor) -> tuple[floa
     optimizer.step(closure)
     a, b = (float(v) for v in params.detach())
     return a, b
+
+
+def pre_adaptation_logits(model: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """EATA-C's full-network logits for ``images`` before it adapts (batch statistics, batches of
+    ``batch_size``, no update, no calibration): what the map is fitted on, by the server and the benchmark."""
+    from adapters.registry import create  # the registry imports the methods, which import this module
+
+    answering = create("eata-c", model, confidence="full")
+    with torch.no_grad():
+        return torch.cat([answering.predict(images[i : i + batch_size]).cpu()
+                          for i in range(0, images.shape[0], batch_size)])

@@ -17,18 +17,10 @@ import json
 import torch
 
 import adapters
+from adapters.confidence_map import pre_adaptation_logits
+from adapters.datasets import to_tensor
 from benchmarks.data import checkpoint_path, cifar10_test_path
-from benchmarks.runner import batches, load_clean, load_model
-
-
-def clean_logits(model: torch.nn.Module, x, y, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """EATA-C's full-network logits (no update, no calibration) and the labels, batch by batch."""
-    adapter = adapters.create("eata-c", model, confidence="full")
-    logits, labels = [], []
-    for images, target in batches(x, y, batch_size):
-        logits.append(adapter.predict(images).cpu())
-        labels.append(target)
-    return torch.cat(logits), torch.cat(labels)
+from benchmarks.runner import load_clean, load_model
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -44,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     x, y = x[args.first : args.first + args.count], y[args.first : args.first + args.count]
     if len(y) < 2:
         parser.error(f"--first {args.first} --count {args.count} selects {len(y)} images; need at least 2")
-    logits, labels = clean_logits(model, x, y, args.batch_size)
+    logits, labels = pre_adaptation_logits(model, to_tensor(x), args.batch_size), torch.as_tensor(y)
     a, b = adapters.fit_confidence_map(logits, labels)
     print(json.dumps({"confidence_map": [round(a, 4), round(b, 4)], "images": len(labels),
                       "accuracy": round(float((logits.argmax(1) == labels).double().mean()), 4)}))

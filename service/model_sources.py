@@ -95,15 +95,12 @@ def _confidence_map(config: ModelConfig, module: nn.Module) -> tuple[float, floa
     """Fit EATA-C's confidence map on ``confidence_data``, answering as EATA-C does before it adapts."""
     if config.confidence_data is None:
         return None
-    from adapters.confidence_map import fit_confidence_map
+    from adapters.confidence_map import fit_confidence_map, pre_adaptation_logits
     from adapters.datasets import load_images
 
     x, y = load_images(config.confidence_data)
     x, y = x[: config.confidence_size], y[: config.confidence_size]
-    batch = max(2, min(64, config.max_batch_size))
-    answering = adapters.create("eata-c", module, confidence="full")
-    with torch.no_grad():
-        logits = torch.cat([answering.predict(to_tensor(x[i : i + batch])).cpu() for i in range(0, len(y), batch)])
+    logits = pre_adaptation_logits(module, to_tensor(x), max(2, min(64, config.max_batch_size)))
     confidence_map = fit_confidence_map(logits, torch.as_tensor(y))
     log.info("model %s: eata-c confidence map fitted on %d clean images: a=%.4f b=%.4f", config.name, len(y),
              *confidence_map)
