@@ -289,6 +289,15 @@ def test_eata_c_minimises_entropy_on_agreement_and_maximises_it_on_disagreement(
     assert logits.grad[0, 0] < 0 < logits.grad[1, 0]
 
 
+def test_eata_c_selected_entropy_minimises_every_selected_sample_like_eata():
+    adapter = adapters.create("eata-c", small_bn_cnn(), kl_weight=0.0, entropy="selected", e0=10.0)
+    logits = torch.tensor([[2.0, 0.0, 0.0], [2.0, 0.0, 0.0]], requires_grad=True)
+    adapter._sub_logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0]])  # sample 1 disagrees
+    adapter.loss(torch.zeros(2), logits, torch.tensor([True, True])).backward()
+    # Both samples are sharpened, the disagreeing one as much as the agreeing one: EATA's loss.
+    assert logits.grad[0, 0] < 0 and torch.equal(logits.grad[0], logits.grad[1])
+
+
 def test_eata_c_subnetwork_drops_residual_branches_of_zoo_models():
     from adapters.models import build_cifar_resnet
     from adapters.subnetwork import subnetwork

@@ -37,6 +37,11 @@ class EataCOptions(EataOptions):
     drop_prob: float = Field(0.2, ge=0, lt=1, description="probability of dropping each residual branch")
     kl_weight: float = Field(1.0, ge=0, description="weight of KL(p_full || p_sub)")
     alpha_ent: float = Field(0.1, ge=0, description="weight of entropy maximisation where labels disagree")
+    entropy: Literal["min-max", "selected"] = Field(
+        "min-max", description="'min-max' (the paper's idea): minimise EATA's weighted entropy where the full and "
+        "the sub-network agree, maximise it (alpha_ent) where they disagree; 'selected': EATA's weighted entropy "
+        "on every selected sample, the divergence left to the KL term",
+    )
     confidence: Literal["full", "subnetwork", "fitted"] = Field(
         "subnetwork", description="'subnetwork': calibrate returned confidence by full/sub agreement; 'fitted': "
         "by confidence_map, fitted on clean labelled data (adapters.confidence_map)"
@@ -132,11 +137,14 @@ class EataC(Eata):
         full = logits[mask]
         sub = self._sub_logits[mask]
         ent, weight = self.weighted_entropy(full)
-        agree = (full.argmax(1) == sub.argmax(1)).detach().float()
-        min_max_entropy = (weight * ent * agree).mean() - self.options.alpha_ent * (ent * (1 - agree)).mean()
+        if self.options.entropy == "selected":
+            entropy_term = (weight * ent).mean()
+        else:
+            agree = (full.argmax(1) == sub.argmax(1)).detach().float()
+            entropy_term = (weight * ent * agree).mean() - self.options.alpha_ent * (ent * (1 - agree)).mean()
         log_full = full.detach().log_softmax(1)
         kl = (log_full.exp() * (log_full - sub.log_softmax(1))).sum(1).mean()
-        return min_max_entropy + self.options.kl_weight * kl + self.fisher_penalty()
+        return entropy_term + self.options.kl_weight * kl + self.fisher_penalty()
 
     def reset_extra(self) -> None:
         """A reset adapter draws what a fresh one would: the generator starts again from the seed."""
