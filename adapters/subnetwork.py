@@ -34,12 +34,17 @@ def _drop_channels(p: float, generator: torch.Generator | None):
 
 
 @contextmanager
-def subnetwork(model: nn.Module, drop_prob: float, generator: torch.Generator | None = None) -> Iterator[None]:
+def subnetwork(model: nn.Module, drop_prob: float, generator: torch.Generator | None = None, *,
+               drop_downsampling: bool = True, unit: str = "blocks") -> Iterator[None]:
     """Within the context, forward passes of ``model`` run a random sub-network, drawn from ``generator``
-    (torch's global one when None): an adapter with its own generator resumes its draws exactly."""
-    blocks = [m for m in model.modules() if isinstance(m, SkippableResidual)]
+    (torch's global one when None): an adapter with its own generator resumes its draws exactly.
+    ``unit='blocks'`` drops residual branches (``drop_downsampling=False`` keeps every down-sampling
+    block, ``SkippableResidual.downsamples``), falling back to channels for a model without skippable
+    blocks; ``unit='channels'`` drops normalisation-layer output channels per sample."""
+    skippable = [m for m in model.modules() if isinstance(m, SkippableResidual)] if unit == "blocks" else []
+    blocks = [m for m in skippable if drop_downsampling or not m.downsamples]
     handles = []
-    if blocks:
+    if skippable:
         for block in blocks:
             block.drop_prob = drop_prob
             block.drop_generator = generator

@@ -313,6 +313,26 @@ def test_eata_c_subnetwork_drops_residual_branches_of_zoo_models():
     assert torch.equal(full, again)  # the context restores the full network
 
 
+def test_subnetwork_keeps_down_sampling_blocks_when_asked_and_can_drop_channels_instead():
+    from adapters.models import build_cifar_resnet
+    from adapters.subnetwork import subnetwork
+
+    model = build_cifar_resnet("resnet20").eval()
+    x = torch.rand(4, 3, 32, 32)
+
+    def every_branch_dropped(**kwargs) -> torch.Tensor:
+        with torch.no_grad(), subnetwork(model, 1.0, **kwargs):
+            return model(x)
+
+    kept, dropped = every_branch_dropped(drop_downsampling=False), every_branch_dropped()
+    with torch.no_grad():
+        model.net.layer2[0].conv1.weight.mul_(2.0)  # the first block of stage 2 down-samples
+    assert not torch.allclose(every_branch_dropped(drop_downsampling=False), kept)  # its branch still runs
+    assert torch.equal(every_branch_dropped(), dropped)  # dropped: its weights play no part
+    # Channels: every normalisation output zeroed leaves only the head's bias.
+    assert torch.allclose(every_branch_dropped(unit="channels"), model.net.linear.bias.expand(4, -1))
+
+
 @pytest.mark.parametrize("factory", [small_gn_cnn, small_ln_mlp], ids=["groupnorm", "layernorm"])
 @pytest.mark.parametrize("method", ALL_METHODS)
 def test_models_with_group_or_layer_norm_work_with_every_method(factory, method):

@@ -35,6 +35,13 @@ from adapters.subnetwork import subnetwork
 
 class EataCOptions(EataOptions):
     drop_prob: float = Field(0.2, ge=0, lt=1, description="probability of dropping each residual branch")
+    subnetwork: Literal["blocks", "channels"] = Field(
+        "blocks", description="what the sub-network drops: residual branches (stochastic depth) or normalisation "
+        "output channels, each per sample with probability drop_prob",
+    )
+    drop_downsampling: bool = Field(
+        True, description="also drop down-sampling residual blocks (their shortcut alone carries half the channels)"
+    )
     kl_weight: float = Field(1.0, ge=0, description="weight of KL(p_full || p_sub)")
     alpha_ent: float = Field(0.1, ge=0, description="weight of entropy maximisation where labels disagree")
     entropy: Literal["min-max", "selected"] = Field(
@@ -97,7 +104,10 @@ class EataC(Eata):
 
     def sub_forward(self, x: torch.Tensor) -> torch.Tensor:
         """A random sub-network's logits; an auxiliary pass (it answers no request on its own)."""
-        with subnetwork(self.model, self.options.drop_prob, self.generator), auxiliary_pass(self.model):
+        opts = self.options
+        drawn = subnetwork(self.model, opts.drop_prob, self.generator, drop_downsampling=opts.drop_downsampling,
+                           unit=opts.subnetwork)
+        with drawn, auxiliary_pass(self.model):
             return self.model(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

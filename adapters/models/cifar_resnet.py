@@ -39,6 +39,7 @@ class BasicBlock(SkippableResidual):
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_planes != planes:
             self.shortcut = LambdaShortcut(planes)
+            self.downsamples = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         branch = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))

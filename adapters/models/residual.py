@@ -15,6 +15,9 @@ class SkippableResidual(nn.Module):
     """Mixin for residual blocks: ``drop_prob > 0`` drops the branch per sample (no rescaling)."""
 
     drop_prob: float = 0.0
+    #: True for a block whose shortcut changes the shape (down-sampling): dropping its branch leaves only
+    #: the subsampled, zero-padded input, so EATA-C's sub-network keeps such blocks unless told otherwise.
+    downsamples: bool = False
     #: The generator the drops draw from (set by :func:`adapters.subnetwork.subnetwork`); None: torch's global one.
     drop_generator: torch.Generator | None = None
 
