@@ -18,7 +18,7 @@ from adapters.base import (
     StepResult,
     entropy,
 )
-from adapters.confidence_map import fit_confidence_map
+from adapters.confidence_map import fit_confidence_map, pre_adaptation_logits
 from adapters.configure import NoNormalizationError, model_hash
 from adapters.fisher import FisherInfo, FisherMismatchError, estimate_fisher
 from adapters.guard import RESET_REASONS, CollapseGuardOptions
@@ -55,4 +55,5 @@ __all__ = [
     "forgetting",
     "method_options",
     "model_hash",
+    "pre_adaptation_logits",
 ]

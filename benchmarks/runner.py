@@ -142,8 +142,36 @@ def resolve_options(methods: Sequence[str], overrides: Mapping[str, Mapping[str,
             )
     effective = {}
     for method in {*methods, *overrides}:
-        effective[method] = adapters.method_options(method, **dict(overrides.get(method, {})))
+        given = dict(overrides.get(method, {}))
+        if method in wanting_fitted_map(overrides):
+            given["confidence_map"] = (0.0, 1.0)  # a stand-in to validate the rest; fitted once the model is loaded
+        effective[method] = adapters.method_options(method, **given)
     return effective
+
+
+#: Clean test images a requested confidence map is fitted on: the last N, never a benchmark's clean segment
+#: (those are the first ``--limit`` images).
+CONFIDENCE_FIT_IMAGES = 2000
+
+
+def wanting_fitted_map(overrides: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Methods set to ``confidence=fitted`` without a ``confidence_map``: the bench fits one for them."""
+    return [m for m, o in overrides.items() if o.get("confidence") == "fitted" and o.get("confidence_map") is None]
+
+
+def with_fitted_maps(overrides: Mapping[str, Mapping[str, Any]], model: nn.Module, clean: tuple[np.ndarray, np.ndarray],
+                     batch_size: int) -> dict[str, dict[str, Any]]:
+    """``overrides`` with a confidence map fitted on the last CONFIDENCE_FIT_IMAGES clean images for each
+    method that asks for one (the model answering as EATA-C does before it adapts, in batches of the run)."""
+    result = {m: dict(o) for m, o in overrides.items()}
+    wanting = wanting_fitted_map(overrides)
+    if wanting:
+        x, y = clean[0][-CONFIDENCE_FIT_IMAGES:], clean[1][-CONFIDENCE_FIT_IMAGES:]
+        logits = adapters.pre_adaptation_logits(model, to_tensor(x), batch_size)
+        fitted = adapters.fit_confidence_map(logits, torch.as_tensor(y))
+        for method in wanting:
+            result[method]["confidence_map"] = fitted
+    return result
 
 
 def resolve_corruptions(names: Sequence[str] | None) -> tuple[str, ...]:
@@ -454,6 +482,8 @@ def run_benchmark(
         torch.set_num_threads(config.threads)
     model = load_model(config.model, config.weights)
     clean_x, clean_y = load_clean(config.clean_data)
+    overrides = with_fitted_maps(config.options, model, (clean_x, clean_y), config.batch_size)
+    options = resolve_options(config.methods, overrides)  # the fitted maps, not resolve_options' stand-ins
     eval_clean = (clean_x[: config.limit], clean_y[: config.limit])
     cache = config.cache_dir or default_cache_dir()
     segments: list[mixed.Segment] = []
@@ -528,7 +558,7 @@ def run_benchmark(
             "seed": config.seed,
             "corruptions": list(names),
             "methods": methods_info,
-            "overrides": {m: dict(o) for m, o in config.options.items()},
+            "overrides": overrides,
             "fisher": None
             if fisher is None
             else {
@@ -561,7 +591,7 @@ def run_benchmark(
                 batch_size=config.batch_size,
                 seed=config.seed,
                 source_accuracy=source_accuracy,
-                options=config.options.get(method, {}),
+                options=overrides.get(method, {}),
                 fisher=fisher,
                 progress=hook,
                 kinds=kinds,

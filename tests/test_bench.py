@@ -12,9 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from adapters.corruptions import CORRUPTIONS, corrupt_dataset
+from adapters.datasets import to_tensor
 from benchmarks import mixed, report, runner
 from benchmarks.cli import parse_set_options, parse_value
 from benchmarks.data import cifar10_test_path
@@ -395,6 +397,23 @@ def test_mixed_protocol_takes_the_correlated_orders(cifar10, resnet20_weights, c
     assert list(dict.fromkeys(seen)) == [s["label"] for s in result.config["segments"]]
     # Norm normalises with each batch's statistics: single-class batches wreck it on clean images too.
     assert result.runs[0].kinds["clean"]["error"] > shuffled.runs[0].kinds["clean"]["error"] + 10
+
+
+def test_fitted_confidence_without_a_map_is_fitted_by_the_bench_on_held_out_clean_images(
+        cifar10, resnet20_weights, cache):
+    """--set eata-c.confidence=fitted alone: the bench fits the map (last 2,000 clean images) and uses it."""
+    import adapters
+
+    options = {"methods": ("eata-c",), "corruptions": ("fog",), "options": {"eata-c": {"confidence": "fitted"}}}
+    result = runner.run_benchmark(_config(resnet20_weights, cache, **options))
+    used = result.config["methods"]["eata-c"]["options"]
+    assert used["confidence"] == "fitted" and result.config["overrides"]["eata-c"]["confidence_map"] == used[
+        "confidence_map"]
+    x, y = runner.load_clean(cifar10_test_path())
+    model = runner.load_model("resnet20", resnet20_weights)
+    logits = adapters.pre_adaptation_logits(model, to_tensor(x[-2000:]), 50)
+    fitted = adapters.fit_confidence_map(logits, torch.as_tensor(y[-2000:]))
+    assert used["confidence_map"] == pytest.approx(list(fitted))
 
 
 def test_calibration_sweep_names_its_data_and_its_variants():
