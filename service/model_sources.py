@@ -32,7 +32,7 @@ class LoadedModel:
     module: nn.Module
     classes: list[str]
     fisher: adapters.FisherInfo | None
-    #: EATA-C's confidence map fitted on ``confidence_data`` (None without it).
+    #: EATA-C's confidence map fitted at start-up (None where none is fitted, ModelConfig.fits_confidence_map).
     confidence_map: tuple[float, float] | None = None
 
 
@@ -92,18 +92,24 @@ def _fisher(config: ModelConfig, module: nn.Module) -> adapters.FisherInfo | Non
 
 
 def _confidence_map(config: ModelConfig, module: nn.Module) -> tuple[float, float] | None:
-    """Fit EATA-C's confidence map on ``confidence_data``, answering as EATA-C does before it adapts."""
-    if config.confidence_data is None:
+    """Fit EATA-C's confidence map on labelled clean data (``confidence_data``, else ``fisher_data``, else the
+    digits model's clean split), answering as EATA-C does before it adapts."""
+    if not config.fits_confidence_map:
         return None
     from adapters.confidence_map import fit_confidence_map, pre_adaptation_logits
     from adapters.datasets import load_images
 
-    x, y = load_images(config.confidence_data)
+    source = config.confidence_data or config.fisher_data
+    if source is not None:
+        x, y = load_images(source)
+    else:
+        (x, y), _ = digits_split()
+        source = "the digits model's clean split"
     x, y = x[: config.confidence_size], y[: config.confidence_size]
     logits = pre_adaptation_logits(module, to_tensor(x), max(2, min(64, config.max_batch_size)))
     confidence_map = fit_confidence_map(logits, torch.as_tensor(y))
-    log.info("model %s: eata-c confidence map fitted on %d clean images: a=%.4f b=%.4f", config.name, len(y),
-             *confidence_map)
+    log.info("model %s: eata-c confidence map fitted on %d clean images of %s: a=%.4f b=%.4f", config.name, len(y),
+             source, *confidence_map)
     return confidence_map
 
 

@@ -92,7 +92,8 @@ class ModelConfig(BaseModel):
     confidence_data: Path | None = Field(
         None, description="eata-c: clean labelled images (npz x uint8 NxHxWx3 and y, or CIFAR-10 python data) to fit "
         "its confidence map at start-up (confidence 'fitted', adapters.fit_confidence_map); calibrated on clean and "
-        "shifted traffic alike (docs/benchmarks.md)"
+        "shifted traffic alike (docs/benchmarks.md); default: fisher_data (it holds labels), or the digits model's "
+        "clean split"
     )
     confidence_size: int = Field(2000, ge=2, description="images used from confidence_data")
     max_batch_size: int = Field(64, ge=1, le=4096)
@@ -203,13 +204,20 @@ class ModelConfig(BaseModel):
         """Whether answers come from the forward pass of an adaptation step (the batching policy differs)."""
         return self.mode == "sync" and adapters.METHODS[self.method].updates_parameters
 
+    @property
+    def fits_confidence_map(self) -> bool:
+        """Whether start-up fits EATA-C's confidence map: labelled clean data at hand (``confidence_data``, else
+        ``fisher_data``, else the built-in digits model's clean split) and no other confidence configured."""
+        has_data = self.confidence_data is not None or self.fisher_data is not None or self.architecture == "digits"
+        return self.method == "eata-c" and has_data and self.options.get("confidence", "fitted") == "fitted"
+
     def effective_options(self, confidence_map: tuple[float, float] | None = None) -> dict[str, Any]:
         """Method options with the service's defaults applied (options set in the config always win):
         the collapse guard, for ``correlated_traffic`` the options of :data:`CORRELATED_TRAFFIC`, and with
-        ``confidence_data`` EATA-C's fitted confidence (``confidence_map``: the map fitted at start-up;
-        before it exists, validation uses the identity map)."""
+        labelled clean data (:attr:`fits_confidence_map`) EATA-C's fitted confidence (``confidence_map``: the
+        map fitted at start-up; before it exists, validation uses the identity map)."""
         options = dict(self.options)
-        if self.confidence_data is not None and self.method == "eata-c":
+        if self.fits_confidence_map:
             options.setdefault("confidence", "fitted")
             options.setdefault("confidence_map", confidence_map or (0.0, 1.0))
         method = adapters.METHODS.get(self.method)  # an unknown one is refused by the validator

@@ -68,3 +68,24 @@ def test_the_server_fits_eata_cs_confidence_map_from_confidence_data_at_start_up
     assert engine.adapter.options.confidence_map == pytest.approx(loaded.confidence_map)
     with pytest.raises(ValueError, match="confidence_data"):
         ModelConfig(name="d", architecture="digits", method="eata", confidence_data=data)
+
+
+def test_without_confidence_data_the_map_is_fitted_on_the_fisher_set_or_the_built_in_clean_split(tmp_path):
+    import numpy as np
+
+    from adapters.models.digits import digits_split
+    from service.model_sources import load_model
+    from service.settings import ModelConfig
+
+    (x, y), _ = digits_split()
+    fisher = tmp_path / "fisher.npz"
+    np.savez(fisher, x=x[:300], y=y[:300])
+    cpu = torch.device("cpu")
+    built_in = load_model(ModelConfig(name="d", architecture="digits", method="eata-c"), cpu).confidence_map
+    from_fisher = load_model(ModelConfig(name="d", architecture="digits", method="eata-c", fisher_data=fisher),
+                             cpu).confidence_map
+    assert built_in is not None and from_fisher is not None and from_fisher != pytest.approx(built_in)
+    # A confidence the operator chose is kept: nothing is fitted.
+    chosen = ModelConfig(name="d", architecture="digits", method="eata-c", options={"confidence": "subnetwork"})
+    assert load_model(chosen, cpu).confidence_map is None
+    assert chosen.effective_options()["confidence"] == "subnetwork"
