@@ -143,7 +143,7 @@ def resolve_options(methods: Sequence[str], overrides: Mapping[str, Mapping[str,
     effective = {}
     for method in {*methods, *overrides}:
         given = dict(overrides.get(method, {}))
-        if method in wanting_fitted_map(overrides):
+        if method in wanting_fitted_map(methods, overrides):
             given["confidence_map"] = (0.0, 1.0)  # a stand-in to validate the rest; fitted once the model is loaded
         effective[method] = adapters.method_options(method, **given)
     return effective
@@ -154,23 +154,31 @@ def resolve_options(methods: Sequence[str], overrides: Mapping[str, Mapping[str,
 CONFIDENCE_FIT_IMAGES = 2000
 
 
-def wanting_fitted_map(overrides: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    """Methods set to ``confidence=fitted`` without a ``confidence_map``: the bench fits one for them."""
-    return [m for m, o in overrides.items() if o.get("confidence") == "fitted" and o.get("confidence_map") is None]
+def wanting_fitted_map(methods: Sequence[str], overrides: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Methods whose confidence is 'fitted' or 'auto' (EATA-C's default) with no ``confidence_map`` given: the
+    bench fits one for them from clean labelled images it holds, as the server does from its Fisher set."""
+    wanting = []
+    for method in dict.fromkeys([*methods, *overrides]):
+        field = adapters.METHODS[method].Options.model_fields.get("confidence")
+        given = overrides.get(method, {})
+        if field is not None and given.get("confidence", field.default) in ("auto", "fitted") and given.get(
+                "confidence_map") is None:
+            wanting.append(method)
+    return wanting
 
 
-def with_fitted_maps(overrides: Mapping[str, Mapping[str, Any]], model: nn.Module, clean: tuple[np.ndarray, np.ndarray],
-                     batch_size: int) -> dict[str, dict[str, Any]]:
+def with_fitted_maps(methods: Sequence[str], overrides: Mapping[str, Mapping[str, Any]], model: nn.Module,
+                     clean: tuple[np.ndarray, np.ndarray], batch_size: int) -> dict[str, dict[str, Any]]:
     """``overrides`` with a confidence map fitted on the last CONFIDENCE_FIT_IMAGES clean images for each
     method that asks for one (the model answering as EATA-C does before it adapts, in batches of the run)."""
     result = {m: dict(o) for m, o in overrides.items()}
-    wanting = wanting_fitted_map(overrides)
+    wanting = wanting_fitted_map(methods, overrides)
     if wanting:
         x, y = clean[0][-CONFIDENCE_FIT_IMAGES:], clean[1][-CONFIDENCE_FIT_IMAGES:]
         logits = adapters.pre_adaptation_logits(model, to_tensor(x), batch_size)
         fitted = adapters.fit_confidence_map(logits, torch.as_tensor(y))
         for method in wanting:
-            result[method]["confidence_map"] = fitted
+            result.setdefault(method, {})["confidence_map"] = fitted
     return result
 
 
@@ -482,7 +490,7 @@ def run_benchmark(
         torch.set_num_threads(config.threads)
     model = load_model(config.model, config.weights)
     clean_x, clean_y = load_clean(config.clean_data)
-    overrides = with_fitted_maps(config.options, model, (clean_x, clean_y), config.batch_size)
+    overrides = with_fitted_maps(config.methods, config.options, model, (clean_x, clean_y), config.batch_size)
     options = resolve_options(config.methods, overrides)  # the fitted maps, not resolve_options' stand-ins
     eval_clean = (clean_x[: config.limit], clean_y[: config.limit])
     cache = config.cache_dir or default_cache_dir()

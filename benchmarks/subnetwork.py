@@ -31,7 +31,8 @@ from benchmarks.data import checkpoint_path, cifar10_test_path
 #: (unit, drop_prob, drop_downsampling): the first is the original construction.
 VARIANTS = (("blocks", 0.2, True), ("blocks", 0.1, True), ("blocks", 0.3, False), ("blocks", 0.2, False),
             ("blocks", 0.1, False), ("blocks", 0.05, False), ("channels", 0.2, False), ("channels", 0.1, False),
-            ("channels", 0.05, False), ("channels", 0.02, False), ("channels", 0.01, False))
+            ("channels", 0.05, False), ("channels", 0.02, False), ("channels", 0.01, False), ("channels", 0.005, False),
+            ("channels", 0.002, False))
 
 
 def auroc(score: torch.Tensor, positive: torch.Tensor) -> float:

@@ -209,7 +209,7 @@ class ModelConfig(BaseModel):
         """Whether start-up fits EATA-C's confidence map: labelled clean data at hand (``confidence_data``, else
         ``fisher_data``, else the built-in digits model's clean split) and no other confidence configured."""
         has_data = self.confidence_data is not None or self.fisher_data is not None or self.architecture == "digits"
-        return self.method == "eata-c" and has_data and self.options.get("confidence", "fitted") == "fitted"
+        return self.method == "eata-c" and has_data and self.options.get("confidence", "auto") in ("auto", "fitted")
 
     def effective_options(self, confidence_map: tuple[float, float] | None = None) -> dict[str, Any]:
         """Method options with the service's defaults applied (options set in the config always win):

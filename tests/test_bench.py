@@ -109,7 +109,7 @@ def test_bench_cli_writes_the_json_contract(cifar10, resnet20_weights, cache, tm
     assert "e0" in eata["options"] and eata["e0"] == pytest.approx(0.4 * math.log(10))
     assert eata["redundancy_eps"] == pytest.approx(0.4)
     assert cfg["methods"]["eata-c"]["options"]["betas"] == [0.9, 0.99]
-    assert cfg["methods"]["eata-c"]["options"]["drop_prob"] == 0.2
+    assert cfg["methods"]["eata-c"]["options"]["drop_prob"] == 0.005
     assert cfg["methods"]["tent"]["options"]["lr"] == 0.001
     assert set(cfg["methods"]) == {"source", "norm", "tent", "eata", "eata-c"}
     assert cfg["fisher"]["samples"] == 200 and cfg["forward_only"]["images_per_second"] > 0
@@ -399,15 +399,13 @@ def test_mixed_protocol_takes_the_correlated_orders(cifar10, resnet20_weights, c
     assert result.runs[0].kinds["clean"]["error"] > shuffled.runs[0].kinds["clean"]["error"] + 10
 
 
-def test_fitted_confidence_without_a_map_is_fitted_by_the_bench_on_held_out_clean_images(
-        cifar10, resnet20_weights, cache):
-    """--set eata-c.confidence=fitted alone: the bench fits the map (last 2,000 clean images) and uses it."""
+def test_eata_c_gets_a_confidence_map_fitted_by_the_bench_on_held_out_clean_images(cifar10, resnet20_weights, cache):
+    """EATA-C's default confidence ('auto') with no map given: the bench fits one (last 2,000 clean images)."""
     import adapters
 
-    options = {"methods": ("eata-c",), "corruptions": ("fog",), "options": {"eata-c": {"confidence": "fitted"}}}
-    result = runner.run_benchmark(_config(resnet20_weights, cache, **options))
+    result = runner.run_benchmark(_config(resnet20_weights, cache, methods=("eata-c",), corruptions=("fog",)))
     used = result.config["methods"]["eata-c"]["options"]
-    assert used["confidence"] == "fitted" and result.config["overrides"]["eata-c"]["confidence_map"] == used[
+    assert used["confidence"] == "auto" and result.config["overrides"]["eata-c"]["confidence_map"] == used[
         "confidence_map"]
     x, y = runner.load_clean(cifar10_test_path())
     model = runner.load_model("resnet20", resnet20_weights)

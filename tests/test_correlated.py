@@ -395,7 +395,7 @@ def test_eata_c_corrects_its_own_probabilities_with_lame_and_calibrates_lames_la
     chosen = index.numpy()
     batch = to_tensor(np.stack([corrupt(x[i], "gaussian_noise", 5, seed=int(i)) for i in chosen]))
     options = {"bn_stats": "auto", "bn_switch": {"always_correlated": True}, "lame": {"enabled": True}}
-    calibrated = adapters.create("eata-c", model, **options).step(batch).logits
+    calibrated = adapters.create("eata-c", model, confidence_map=(-0.4, 0.5), **options).step(batch).logits
     plain = adapters.create("eata-c", model, confidence="full", **options).step(batch).logits
     assert torch.equal(calibrated.argmax(1), plain.argmax(1))
     assert float(calibrated.softmax(1).max(1).values.mean()) < float(plain.softmax(1).max(1).values.mean())
