@@ -424,5 +424,7 @@ def test_calibration_sweep_names_its_data_and_its_variants():
     assert sweep.corruption_names("reported") == CORRUPTIONS
     assert sweep.corruption_names("fog, snow") == ("fog", "snow")
     for label, method, options in sweep.SWEEPS["calibration"]:
-        if method == "eata-c" and options.get("confidence") != "full":
-            assert "confidence_samples" in options, label
+        if method == "eata-c":
+            assert {"subnetwork", "drop_prob", "confidence"} <= set(options), label
+            if options["confidence"] == "subnetwork":
+                assert "confidence_samples" in options, label
