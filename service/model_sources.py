@@ -95,6 +95,9 @@ def _confidence_map(config: ModelConfig, module: nn.Module) -> tuple[float, floa
     """Fit EATA-C's confidence map on labelled clean data (``confidence_data``, else ``fisher_data``, else the
     digits model's clean split), answering as EATA-C does before it adapts."""
     if not config.fits_confidence_map:
+        if config.method == "eata-c" and config.options.get("confidence", "auto") == "auto":
+            log.warning("model %s: eata-c has no labelled clean data to fit its confidence map (confidence_data or "
+                        "fisher_data); answers carry the full network's uncalibrated confidence", config.name)
         return None
     from adapters.confidence_map import fit_confidence_map, pre_adaptation_logits
     from adapters.datasets import load_images
