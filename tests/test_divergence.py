@@ -113,14 +113,18 @@ def test_divergence_rises_under_a_shift_on_cifar10(resnet20_weights, cifar10):
     """ResNet-20, 400 CIFAR-10 test images: mean divergence on gaussian_noise severity 5 above clean
     (no update: the divergence of the source weights, as the first batches of a shift see it)."""
     model = build_cifar_resnet("resnet20", resnet20_weights)
-    x, _ = cifar10
+    x, y = cifar10
     clean = x[:400]
     shifted = corrupt(clean, "gaussian_noise", 5, seed=0)
 
-    def mean_divergence(images: np.ndarray) -> float:
+    def divergence_and_right(images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         adapter = adapters.create("eata-c", model)
-        batches = [adapter.predict_with_divergence(to_tensor(images[i : i + 200]))[1] for i in range(0, 400, 200)]
-        return float(torch.cat(batches).mean())
+        answers = [adapter.predict_with_divergence(to_tensor(images[i : i + 200])) for i in range(0, 400, 200)]
+        right = torch.cat([logits.argmax(1) for logits, _ in answers]) == torch.from_numpy(y[:400])
+        return torch.cat([d for _, d in answers]), right
 
-    on_clean, on_shifted = mean_divergence(clean), mean_divergence(shifted)
-    assert on_shifted > 1.2 * on_clean, (on_clean, on_shifted)  # about 1.5x on 2,000 images (benchmarks.md)
+    (on_clean, right), (on_shifted, _) = divergence_and_right(clean), divergence_and_right(shifted)
+    # About 5x on 2,000 images (benchmarks.md); the first design's blocks sub-network reached 1.5x.
+    assert on_shifted.mean() > 2 * on_clean.mean(), (on_clean.mean(), on_shifted.mean())
+    # It points at errors even on clean images (wrong answers about 5x right ones; the first design: none).
+    assert on_clean[~right].mean() > 2 * on_clean[right].mean()
