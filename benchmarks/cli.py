@@ -85,18 +85,29 @@ class CorrelatedTrafficChoice(StrEnum):
     never = "never"
 
 
+class EfficiencyChoice(StrEnum):
+    papers = "papers"
+    efficient = "efficient"
+
+
 def served_overrides(
-    methods: tuple[str, ...], preset: str, overrides: dict[str, dict[str, Any]]
+    methods: tuple[str, ...], overrides: dict[str, dict[str, Any]], *, correlated_traffic: str | None = None,
+    efficiency: str | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """``overrides`` with the server's ``correlated_traffic`` preset under them, per (known) method."""
+    """``overrides`` with the server's ``correlated_traffic`` and ``efficiency`` presets under them, per
+    (known) method."""
     import adapters
-    from service.settings import correlated_traffic_options
+    from service.settings import correlated_traffic_options, efficiency_options
 
     merged = {m: dict(o) for m, o in overrides.items()}
     for method in methods:
         if method not in adapters.METHODS:
             continue  # named by the usual unknown-method error below
-        options = correlated_traffic_options(method, preset)  # type: ignore[arg-type]
+        options = {}
+        if correlated_traffic is not None:
+            options |= correlated_traffic_options(method, correlated_traffic)  # type: ignore[arg-type]
+        if efficiency is not None:
+            options |= efficiency_options(method, efficiency)  # type: ignore[arg-type]
         for key, value in merged.get(method, {}).items():
             both_dicts = isinstance(value, dict) and isinstance(options.get(key), dict)
             options[key] = options[key] | value if both_dicts else value
@@ -185,6 +196,11 @@ def bench(
             "runs by default; --set options win); default: the library's (the papers') options"
         ),
     ] = None,
+    efficiency: Annotated[
+        EfficiencyChoice | None,
+        typer.Option(help="apply the server's efficiency preset to EATA and EATA-C (efficient: a tighter "
+                     "redundancy filter, back-propagating the selected samples only; --set options win)"),
+    ] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="write the results JSON here")] = None,
     plot: Annotated[
         Path | None, typer.Option(help="draw error per corruption (mixed: per segment) for all methods (PNG)")
@@ -207,8 +223,9 @@ def bench(
 
     overrides = parse_set_options(set_ or [])
     method_list = _split(methods) or ()
-    if correlated_traffic is not None:
-        overrides = served_overrides(method_list, correlated_traffic.value, overrides)
+    if correlated_traffic is not None or efficiency is not None:
+        overrides = served_overrides(method_list, overrides, correlated_traffic=correlated_traffic,
+                                     efficiency=efficiency)
     if dirichlet is not None and order != StreamOrder.shuffled:
         raise typer.BadParameter("give --order or --dirichlet, not both", param_hint="--dirichlet")
     if not method_list:

@@ -53,6 +53,25 @@ def correlated_traffic_options(method: str, value: CorrelatedTraffic) -> dict[st
     return options
 
 
+#: ``efficiency``: ``papers`` runs EATA and EATA-C as published; ``efficient`` tightens the redundancy filter
+#: and back-propagates through the selected samples only (predict without gradient, then forward and backward
+#: the few selected): about one forward pass per image. Chosen on the validation corruptions
+#: (docs/benchmarks.md, "An efficient EATA preset"), never on the reported stream.
+EFFICIENCY: dict[str, dict[str, Any]] = {
+    "papers": {},
+    "efficient": {"backward": "selected", "redundancy_eps": 0.25},
+}
+Efficiency = Literal["papers", "efficient"]
+
+
+def efficiency_options(method: str, value: Efficiency) -> dict[str, Any]:
+    """The options ``efficiency: value`` adds for ``method``: none for a method without EATA's redundancy
+    filter (the server refuses ``efficient`` for such a method; the bench leaves it as it is)."""
+    if "redundancy_eps" not in adapters.METHODS[method].Options.model_fields:
+        return {}
+    return dict(EFFICIENCY[value])
+
+
 class ModelConfig(BaseModel):
     """One served model: where it comes from, how inputs are prepared, and how it adapts."""
 
@@ -71,6 +90,11 @@ class ModelConfig(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict, description="method options (see adapters)")
     mode: Literal["sync", "async"] = Field(
         "sync", description="sync: answer from the forward pass that adapts; async: adapt off the request path"
+    )
+    efficiency: Efficiency = Field(
+        "papers", description="'papers': EATA/EATA-C as published; 'efficient': a tighter redundancy filter and "
+        "back-propagation through the selected samples only, about one forward pass per image for a few tenths "
+        "of a point of error (EFFICIENCY in service/settings.py, docs/benchmarks.md); options set explicitly win"
     )
     correlated_traffic: CorrelatedTraffic = Field(
         "auto", description="class-correlated traffic (a camera seeing one kind of object at a time): 'auto' "
@@ -182,6 +206,10 @@ class ModelConfig(BaseModel):
             raise ValueError("factory must look like 'package.module:function'")
         if (self.mean is None) != (self.std is None):
             raise ValueError("give both 'mean' and 'std', or neither")
+        if self.efficiency != "papers" and self.method in adapters.METHODS and not efficiency_options(
+                self.method, self.efficiency):
+            raise ValueError(f"efficiency {self.efficiency!r} tunes EATA's redundancy filter; method {self.method!r} "
+                             "has none (use eata or eata-c)")
         if self.confidence_data is not None and self.method != "eata-c":
             raise ValueError(f"'confidence_data' fits eata-c's confidence map; method {self.method!r} has none")
         try:
@@ -213,7 +241,8 @@ class ModelConfig(BaseModel):
 
     def effective_options(self, confidence_map: tuple[float, float] | None = None) -> dict[str, Any]:
         """Method options with the service's defaults applied (options set in the config always win):
-        the collapse guard, for ``correlated_traffic`` the options of :data:`CORRELATED_TRAFFIC`, and with
+        the collapse guard, for ``correlated_traffic`` the options of :data:`CORRELATED_TRAFFIC`, for
+        ``efficiency`` those of :data:`EFFICIENCY`, and with
         labelled clean data (:attr:`fits_confidence_map`) EATA-C's fitted confidence (``confidence_map``: the
         map fitted at start-up; before it exists, validation uses the identity map)."""
         options = dict(self.options)
@@ -226,6 +255,8 @@ class ModelConfig(BaseModel):
         if self.collapse_guard and method.updates_parameters:
             options.setdefault("guard", {"enabled": True})
         for key, value in correlated_traffic_options(self.method, self.correlated_traffic).items():
+            options.setdefault(key, value)
+        for key, value in efficiency_options(self.method, self.efficiency).items():
             options.setdefault(key, value)
         return options
 

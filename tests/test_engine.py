@@ -386,3 +386,21 @@ def test_a_follower_configured_with_other_options_refuses_the_leaders_state():
     with pytest.raises(StateRefused, match="optimizer: 'adam' in the state, 'sgd' here"):
         sgd.import_state(leader.export_state(), version=3)
     assert sgd.adapter.stats.parameter_version == 0  # nothing taken
+
+
+def test_the_efficient_preset_tightens_eatas_filter_and_back_propagates_the_selected_only():
+    from service.settings import EFFICIENCY
+
+    efficient = make_engine(method="eata", efficiency="efficient").adapter.options
+    assert efficient.backward == "selected" and efficient.redundancy_eps == EFFICIENCY["efficient"]["redundancy_eps"]
+    papers = make_engine(method="eata").adapter.options
+    assert papers.backward != "selected" and papers.redundancy_eps is None  # the class-count default
+    explicit = make_engine(method="eata-c", efficiency="efficient", options={"redundancy_eps": 0.4}).adapter.options
+    assert explicit.redundancy_eps == 0.4 and explicit.backward == "selected"  # options set explicitly win
+    with pytest.raises(ValueError, match="efficiency 'efficient' tunes EATA's redundancy filter; method 'tent'"):
+        ModelConfig(name="m", architecture="digits", method="tent", efficiency="efficient")
+    # The bench applies the same preset to EATA and EATA-C and leaves the other methods as they are.
+    from benchmarks.cli import served_overrides
+
+    merged = served_overrides(("tent", "eata"), {"eata": {"lr": 0.01}}, efficiency="efficient")
+    assert merged["tent"] == {} and merged["eata"] == {**EFFICIENCY["efficient"], "lr": 0.01}
