@@ -44,6 +44,7 @@ MODES = {
     "off-onnx": {"method": "source", "runtime": "onnx"},
     "sync": {"method": "eata", "mode": "sync"},
     "sync-papers": {"method": "eata", "mode": "sync", "correlated_traffic": "never"},
+    "sync-efficient": {"method": "eata", "mode": "sync", "efficiency": "efficient"},
     "async": {"method": "eata", "mode": "async"},
 }
 

@@ -52,6 +52,7 @@ SERVERS: dict[str, tuple[str, torchserve.TorchServeConfig | str]] = {
     "ts-2x1": (f"{TS}, 2 workers x 1 thread, batch 64, 5 ms delay, raw uint8", torchserve.TorchServeConfig(2, 1)),
     "off": ("tta-serve, adaptation off (binary v2 uint8)", "off"),
     "sync": ("tta-serve, EATA sync (binary v2 uint8)", "sync"),
+    "sync-eff": ("tta-serve, EATA sync, efficiency: efficient", "sync-efficient"),
     "async": ("tta-serve, EATA async (binary v2 uint8)", "async"),
     "off-2w": ("tta-serve, adaptation off, 2 worker processes (--workers 2)", "off:2"),
     "sync-2w": ("tta-serve, EATA sync, 2 worker processes (worker 0 adapts)", "sync:2"),
