@@ -39,6 +39,11 @@ class EataOptions(OptimizedOptions):
     )
     ma_momentum: float = Field(0.9, ge=0, lt=1, description="weight of the old moving average")
     fisher_alpha: float = Field(1.0, ge=0, description="Fisher penalty weight (CIFAR 1.0, ImageNet 2000)")
+    max_selected: float | None = Field(
+        None, gt=0, le=1, description="adapt on at most this share of each batch (rounded up), the least redundant "
+        "selected samples (lowest |cosine| to the moving average; before it exists, the lowest entropy): with "
+        "backward='selected' it bounds the cost of a step (None: the paper, every selected sample)",
+    )
 
 
 @register
@@ -75,9 +80,21 @@ class Eata(Adapter):
         reliable = ent < self.e0
         average = self.prob_cache.get()
         if average is None:
-            return reliable, reliable
-        cosine = F.cosine_similarity(logits.softmax(1), average.to(logits.device).unsqueeze(0), dim=1)
-        return reliable, reliable & (cosine.abs() < self.redundancy_eps)
+            return reliable, self._at_most(reliable, ent)
+        cosine = F.cosine_similarity(logits.softmax(1), average.to(logits.device).unsqueeze(0), dim=1).abs()
+        return reliable, self._at_most(reliable & (cosine < self.redundancy_eps), cosine)
+
+    def _at_most(self, selected: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+        """``selected`` cut to ``max_selected`` of the batch, the samples of lowest ``score``."""
+        if self.options.max_selected is None:
+            return selected
+        cap = math.ceil(self.options.max_selected * selected.shape[0])
+        if int(selected.sum()) <= cap:
+            return selected
+        ranked = torch.where(selected, score, torch.full_like(score, float("inf"))).argsort()[:cap]
+        kept = torch.zeros_like(selected)
+        kept[ranked] = True
+        return kept
 
     def weighted_entropy(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample entropy and its EATA weight exp(E0 - H) (weight on detached H)."""
