@@ -17,28 +17,16 @@ from torch import nn
 EPS = 1e-6
 
 
-def probability_logit(probability: torch.Tensor) -> torch.Tensor:
-    """logit(p) per sample, float64, p clipped to [EPS, 1 - EPS]."""
-    p = probability.double().clamp(EPS, 1 - EPS)
-    return p.log() - (1 - p).log()
-
-
 def top_probability_logit(logits: torch.Tensor) -> torch.Tensor:
     """logit(max softmax) per sample, float64."""
-    return probability_logit(logits.double().softmax(1).max(1).values)
+    top = logits.double().softmax(1).max(1).values.clamp(EPS, 1 - EPS)
+    return top.log() - (1 - top).log()
 
 
-def mapped_confidence(logits: torch.Tensor, confidence_map: tuple[float, float],
-                      label: torch.Tensor | None = None) -> torch.Tensor:
-    """The map's confidence in ``label`` (default: each sample's top label), from the probability that
-    ``logits`` give it. A label that another step chose (LAME's, on class-correlated batches) is judged by the
-    model's own probability of it, the feature the map was fitted on."""
+def mapped_confidence(logits: torch.Tensor, confidence_map: tuple[float, float]) -> torch.Tensor:
+    """The map's confidence of each sample's predicted label."""
     a, b = confidence_map
-    if label is None:
-        feature = top_probability_logit(logits)
-    else:
-        feature = probability_logit(logits.double().softmax(1).gather(1, label.view(-1, 1)).squeeze(1))
-    return torch.sigmoid(a + b * feature).to(logits.dtype)
+    return torch.sigmoid(a + b * top_probability_logit(logits)).to(logits.dtype)
 
 
 def fit_confidence_map(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:

@@ -89,15 +89,3 @@ def test_without_confidence_data_the_map_is_fitted_on_the_fisher_set_or_the_buil
     chosen = ModelConfig(name="d", architecture="digits", method="eata-c", options={"confidence": "subnetwork"})
     assert load_model(chosen, cpu).confidence_map is None
     assert chosen.effective_options()["confidence"] == "subnetwork"
-
-
-def test_a_label_chosen_by_lame_gets_the_maps_confidence_of_the_networks_own_probability_of_it():
-    """LAME's near one-hot output would map to near-certainty; the map judges the network's probability."""
-    adapter = adapters.create("eata-c", small_bn_cnn(), confidence_map=(0.5, 0.5))
-    adapter._full_logits = torch.tensor([[2.0, 0.0, 0.0], [2.0, 1.5, 0.0]])
-    lame_output = torch.tensor([[0.0, -30.0, -30.0], [-30.0, 0.0, -30.0]])  # LAME kept label 0, then chose 1
-    returned = adapter.calibrate(torch.zeros(2, 3, 8, 8), lame_output)
-    assert torch.equal(returned.argmax(1), torch.tensor([0, 1]))  # LAME's labels are kept
-    own = adapter._full_logits.softmax(1)
-    expected = torch.sigmoid(0.5 + 0.5 * torch.logit(torch.stack([own[0, 0], own[1, 1]]).double())).float()
-    torch.testing.assert_close(returned.softmax(1).max(1).values, expected, atol=1e-3, rtol=1e-3)

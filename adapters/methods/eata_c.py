@@ -102,7 +102,6 @@ class EataC(Eata):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._sub_logits: torch.Tensor | None = None
-        self._full_logits: torch.Tensor | None = None
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(self.options.seed)
 
@@ -120,18 +119,12 @@ class EataC(Eata):
         even without gradient and with ``confidence='full'``)."""
         logits = self.model(x)
         self._sub_logits = self.sub_forward(x)  # the loss, the calibration and the divergence read it
-        self._full_logits = logits.detach()  # the calibration reads the network's own probabilities
         return logits
 
     def calibrate(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         if self.options.confidence in ("auto", "fitted") and self.options.confidence_map is not None:
-            # ``logits`` may be LAME's correction (near one-hot): map the full network's own probability of
-            # the returned label, as the map was fitted, not LAME's.
-            own = self._full_logits if self._full_logits is not None and self._full_logits.shape == logits.shape \
-                else logits
             with torch.no_grad():
-                confidence = mapped_confidence(own, self.options.confidence_map, label=logits.argmax(1))
-                return temperature_to_confidence(logits, confidence)
+                return temperature_to_confidence(logits, mapped_confidence(logits, self.options.confidence_map))
         if self.options.confidence != "subnetwork" or self._sub_logits is None:
             return logits
         with torch.no_grad():
@@ -165,7 +158,7 @@ class EataC(Eata):
 
     def reset_extra(self) -> None:
         """A reset adapter draws what a fresh one would: the generator starts again from the seed."""
-        self._sub_logits = self._full_logits = None
+        self._sub_logits = None
         self.generator.manual_seed(self.options.seed)
 
     def rng_state(self) -> torch.Tensor:
