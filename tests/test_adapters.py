@@ -125,6 +125,22 @@ def test_selection_flags_follow_entropy_and_redundancy():
     assert result.selected.sum() < result.reliable.sum()
 
 
+def test_max_selected_keeps_the_least_redundant_share_of_the_batch():
+    model = small_bn_cnn()
+    x = images(seed=3)
+    capped = adapters.create("eata", model, e0=10.0, redundancy_eps=2.0, max_selected=0.25, backward="selected")
+    first = capped.step(x)  # no moving average yet: the 8 lowest-entropy samples
+    assert int(first.selected.sum()) == 8 and first.updated
+    assert first.entropy[first.selected].max() <= first.entropy[~first.selected].min()
+    average = capped.prob_cache.get()
+    probs = capped.predict(x).softmax(1)
+    second = capped.step(x)  # then the 8 least similar to the moving average
+    cos = torch.nn.functional.cosine_similarity(probs, average.unsqueeze(0)).abs()
+    assert int(second.selected.sum()) == 8
+    assert cos[second.selected].max() <= cos[~second.selected].min() + 1e-6
+    assert capped.stats.samples_selected == 16
+
+
 def test_moving_average_follows_the_spec():
     cache = adapters.InProcessProbabilityCache()
     assert cache.get() is None
