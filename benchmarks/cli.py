@@ -198,8 +198,8 @@ def bench(
     ] = None,
     efficiency: Annotated[
         EfficiencyChoice | None,
-        typer.Option(help="apply the server's efficiency preset to EATA and EATA-C (efficient: a tighter "
-                     "redundancy filter, back-propagating the selected samples only; --set options win)"),
+        typer.Option(help="apply the server's efficiency preset to EATA and EATA-C (efficient: back-propagate the "
+                     "least redundant quarter of each batch only; --set options win)"),
     ] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="write the results JSON here")] = None,
     plot: Annotated[

@@ -388,15 +388,15 @@ def test_a_follower_configured_with_other_options_refuses_the_leaders_state():
     assert sgd.adapter.stats.parameter_version == 0  # nothing taken
 
 
-def test_the_efficient_preset_tightens_eatas_filter_and_back_propagates_the_selected_only():
+def test_the_efficient_preset_back_propagates_a_share_of_the_selected_samples_only():
     from service.settings import EFFICIENCY
 
     efficient = make_engine(method="eata", efficiency="efficient").adapter.options
-    assert efficient.backward == "selected" and efficient.redundancy_eps == EFFICIENCY["efficient"]["redundancy_eps"]
+    assert efficient.backward == "selected" and efficient.max_selected == EFFICIENCY["efficient"]["max_selected"]
     papers = make_engine(method="eata").adapter.options
-    assert papers.backward != "selected" and papers.redundancy_eps is None  # the class-count default
-    explicit = make_engine(method="eata-c", efficiency="efficient", options={"redundancy_eps": 0.4}).adapter.options
-    assert explicit.redundancy_eps == 0.4 and explicit.backward == "selected"  # options set explicitly win
+    assert papers.backward != "selected" and papers.max_selected is None and papers.lr == 0.001
+    explicit = make_engine(method="eata-c", efficiency="efficient", options={"lr": 0.01}).adapter.options
+    assert explicit.lr == 0.01 and explicit.backward == "selected"  # options set explicitly win
     with pytest.raises(ValueError, match="efficiency 'efficient' tunes EATA's redundancy filter; method 'tent'"):
         ModelConfig(name="m", architecture="digits", method="tent", efficiency="efficient")
     # The bench applies the same preset to EATA and EATA-C and leaves the other methods as they are.
