@@ -59,3 +59,9 @@ def pre_adaptation_logits(model: nn.Module, images: torch.Tensor, batch_size: in
     with torch.no_grad():
         return torch.cat([answering.predict(images[i : i + batch_size]).cpu()
                           for i in range(0, images.shape[0], batch_size)])
+
+
+def fit_confidence_map_on_images(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                                 batch_size: int) -> tuple[float, float]:
+    """:func:`fit_confidence_map` on EATA-C's pre-adaptation answers to clean labelled ``images``."""
+    return fit_confidence_map(pre_adaptation_logits(model, images, batch_size), labels)

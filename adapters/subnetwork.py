@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Literal
 
 import torch
 from torch import nn
@@ -35,7 +36,7 @@ def _drop_channels(p: float, generator: torch.Generator | None):
 
 @contextmanager
 def subnetwork(model: nn.Module, drop_prob: float, generator: torch.Generator | None = None, *,
-               drop_downsampling: bool = True, unit: str = "blocks") -> Iterator[None]:
+               drop_downsampling: bool = True, unit: Literal["blocks", "channels"] = "blocks") -> Iterator[None]:
     """Within the context, forward passes of ``model`` run a random sub-network, drawn from ``generator``
     (torch's global one when None): an adapter with its own generator resumes its draws exactly.
     ``unit='blocks'`` drops residual branches (``drop_downsampling=False`` keeps every down-sampling

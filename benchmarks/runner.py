@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 import adapters
+from adapters.confidence_map import fit_confidence_map_on_images
 from adapters.datasets import DataFileError, load_images, to_tensor
 from adapters.models import CIFAR_RESNETS, build_cifar_resnet
 from benchmarks import mixed
@@ -175,8 +176,7 @@ def with_fitted_maps(methods: Sequence[str], overrides: Mapping[str, Mapping[str
     wanting = wanting_fitted_map(methods, overrides)
     if wanting:
         x, y = clean[0][-CONFIDENCE_FIT_IMAGES:], clean[1][-CONFIDENCE_FIT_IMAGES:]
-        logits = adapters.pre_adaptation_logits(model, to_tensor(x), batch_size)
-        fitted = adapters.fit_confidence_map(logits, torch.as_tensor(y))
+        fitted = fit_confidence_map_on_images(model, to_tensor(x), torch.as_tensor(y), batch_size)
         for method in wanting:
             result.setdefault(method, {})["confidence_map"] = fitted
     return result

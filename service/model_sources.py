@@ -99,7 +99,7 @@ def _confidence_map(config: ModelConfig, module: nn.Module) -> tuple[float, floa
             log.warning("model %s: eata-c has no labelled clean data to fit its confidence map (confidence_data or "
                         "fisher_data); answers carry the full network's uncalibrated confidence", config.name)
         return None
-    from adapters.confidence_map import fit_confidence_map, pre_adaptation_logits
+    from adapters.confidence_map import fit_confidence_map_on_images
     from adapters.datasets import load_images
 
     source = config.confidence_data or config.fisher_data
@@ -109,8 +109,8 @@ def _confidence_map(config: ModelConfig, module: nn.Module) -> tuple[float, floa
         (x, y), _ = digits_split()
         source = "the digits model's clean split"
     x, y = x[: config.confidence_size], y[: config.confidence_size]
-    logits = pre_adaptation_logits(module, to_tensor(x), max(2, min(64, config.max_batch_size)))
-    confidence_map = fit_confidence_map(logits, torch.as_tensor(y))
+    batch_size = max(2, min(64, config.max_batch_size))
+    confidence_map = fit_confidence_map_on_images(module, to_tensor(x), torch.as_tensor(y), batch_size)
     log.info("model %s: eata-c confidence map fitted on %d clean images of %s: a=%.4f b=%.4f", config.name, len(y),
              source, *confidence_map)
     return confidence_map

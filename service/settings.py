@@ -236,9 +236,12 @@ class ModelConfig(BaseModel):
     @property
     def fits_confidence_map(self) -> bool:
         """Whether start-up fits EATA-C's confidence map: labelled clean data at hand (``confidence_data``, else
-        ``fisher_data``, else the built-in digits model's clean split) and no other confidence configured."""
+        ``fisher_data``, else the built-in digits model's clean split) and neither another confidence nor a map
+        configured."""
         has_data = self.confidence_data is not None or self.fisher_data is not None or self.architecture == "digits"
-        return self.method == "eata-c" and has_data and self.options.get("confidence", "auto") in ("auto", "fitted")
+        confidence = self.options.get("confidence", "auto")
+        wants_map = confidence in ("auto", "fitted") and self.options.get("confidence_map") is None
+        return self.method == "eata-c" and has_data and wants_map
 
     def effective_options(self, confidence_map: tuple[float, float] | None = None) -> dict[str, Any]:
         """Method options with the service's defaults applied (options set in the config always win):
