@@ -82,7 +82,7 @@ def tta_serve(kind: str, folder: Path, weights: Path, data: Path, images: np.nda
     server's own threads and delay; with workers, each worker takes its share of the cores)."""
     mode, _, workers = kind.partition(":")
     config = write_config(folder, mode, weights, 64, None, data)
-    env = {"TTA_WORKERS": workers} if workers else None
+    env = {"TTA_WORKERS": workers or "1"}  # the single-process rows stay single-process
     replica = Replica(config, name=kind.replace(":", "-"), threads=None, env=env).start()
     try:
         replica.wait_ready()

@@ -66,9 +66,9 @@ def serve(
     ] = None,
     workers: Annotated[
         int | None,
-        typer.Option(help="server processes on the port (default 1, or TTA_WORKERS; 0: one per core). With more "
-                     "than one, worker 0 adapts and the others serve its weights (Linux, SO_REUSEPORT; "
-                     "docs/serving.md)", min=0),
+        typer.Option(help="server processes on the port (or TTA_WORKERS; 0: one per core; default: one per core "
+                     "when every model is frozen, else 1). With more than one, worker 0 adapts and the others "
+                     "serve its weights (Linux, SO_REUSEPORT; docs/serving.md)", min=0),
     ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
 ) -> None:

@@ -308,10 +308,12 @@ class Settings(BaseSettings):
     replica_id: str | None = Field(None, description="this replica's name in the leader lease (default host-pid)")
     lease_ttl_ms: int = Field(3000, ge=200, description="leader lease expiry; a follower takes over after it")
     sync_interval_ms: int = Field(500, ge=10, description="how often followers poll for newer parameters")
-    workers: int = Field(
-        1, ge=0, le=256, description="server processes sharing the port (SO_REUSEPORT, Linux): worker 0 adapts and "
+    workers: int | None = Field(
+        None, ge=0, le=256, description="server processes sharing the port (SO_REUSEPORT, Linux): worker 0 adapts and "
         "publishes its weights through a local run directory, the others serve them (docs/serving.md, 'Several "
-        "worker processes'); 0: one per usable core"
+        "worker processes'); 0: one per usable core; default: one per usable core when every model is frozen "
+        "(method source, no routing: measured 1.4x at 32 clients on 2 cores), else 1 (more workers adapt on a "
+        "share of the traffic only)"
     )
     models: list[ModelConfig] = Field(default_factory=list)
     routing: RoutingConfig | None = Field(None, description="CLIP-guided expert selection and detectors (docs/clip.md)")
@@ -330,7 +332,12 @@ class Settings(BaseSettings):
         return self.models or [default_model()]
 
     def resolved_workers(self) -> int:
-        """Server processes to run: ``workers``, with 0 meaning one per usable core."""
+        """Server processes to run: ``workers``, with 0 meaning one per usable core; unset, one per usable core
+        where every model is frozen (nothing to adapt, so every process serves the same answers) and 1 where a
+        model adapts (followers serve worker 0's weights, and worker 0 learns only from its share)."""
+        if self.workers is None:
+            frozen = self.routing is None and all(m.method == "source" for m in self.resolved_models())
+            return usable_cores() if frozen else 1
         return self.workers or usable_cores()
 
     def admin_access(self) -> Literal["token", "open", "refused"]:

@@ -140,7 +140,7 @@ def worker_main(settings: Settings, index: int, run_dir: Path, log_level: str, r
         sys.exit(2)
     app = create_app(settings, registry, metrics)
     app.state.routing = routing
-    app.state.worker_metrics = WorkerMetrics(run_dir, index, settings.workers)
+    app.state.worker_metrics = WorkerMetrics(run_dir, index, settings.resolved_workers())
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
                             log_config=logging_config(settings.log_format, log_level),
                             headers=[(WORKER_HEADER, str(index))])

@@ -62,7 +62,8 @@ def running_server(config: Path, env: dict[str, str] | None = None, port: int | 
     with log.open("wb") as out:
         proc = subprocess.Popen(
             serve_command("--config", str(config), "--port", str(port), "--log-level", "warning"),
-            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "TTA_THREADS": "1", **(env or {})},
+            stdout=out, stderr=subprocess.STDOUT,
+            env={**os.environ, "TTA_THREADS": "1", "TTA_WORKERS": "1", **(env or {})},
         )
         base = f"http://127.0.0.1:{port}"
         try:

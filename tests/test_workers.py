@@ -305,3 +305,14 @@ def test_workers_come_from_the_environment_and_zero_means_one_per_core(monkeypat
 
     two = Settings(workers=2, models=[ModelConfig(name="m", architecture="digits", method="eata")])
     assert default_threads(two) == max(1, usable_cores() // 2)  # each worker takes its share of the cores
+
+
+def test_unset_workers_mean_one_per_core_for_frozen_models_and_one_when_a_model_adapts(monkeypatch):
+    monkeypatch.delenv("TTA_WORKERS", raising=False)
+    frozen = Settings(models=[ModelConfig(name="m", architecture="digits", method="source")])
+    mixed = Settings(models=[ModelConfig(name="m", architecture="digits", method="source"),
+                             ModelConfig(name="n", architecture="digits", method="eata")])
+    assert frozen.resolved_workers() == usable_cores()
+    assert mixed.resolved_workers() == 1  # an adapting model: worker 0 would learn from its share only
+    assert Settings().resolved_workers() == 1  # the built-in default model adapts
+    assert Settings(workers=1, models=frozen.models).resolved_workers() == 1  # a setting wins
