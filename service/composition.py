@@ -73,10 +73,16 @@ class EngineFactory:
         """Load ``config``'s model and build its engine; raises ``ModelLoadError`` naming the model."""
         settings = self.settings
         loaded = load_model(config, self.device)
-        if config.runtime == "onnx":  # the frozen fast path
-            from service.onnx_classifier import to_onnx_runtime
+        frozen_on_cpu = config.method == "source" and self.device.type == "cpu"
+        if config.runtime == "onnx" or (config.runtime == "auto" and frozen_on_cpu):  # the frozen fast path
+            from service.onnx_classifier import OnnxExportError, to_onnx_runtime
 
-            loaded = to_onnx_runtime(config, loaded, settings.threads or default_threads(settings))
+            try:
+                loaded = to_onnx_runtime(config, loaded, settings.threads or default_threads(settings))
+            except OnnxExportError as exc:
+                if config.runtime == "onnx":
+                    raise
+                log.warning("%s; serving it with PyTorch (runtime: auto)", exc)
         shared: dict[str, Any] = {"snapshots": self.snapshots}
         if self.connection is not None:
             shared |= {

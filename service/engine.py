@@ -150,7 +150,7 @@ class ModelEngine:
         )
         self.source = adapters.create("source", loaded.module)
         source_module = self.source.model  # eager: exported to ONNX for the agreement check
-        if config.trace_source and config.runtime == "torch":  # an onnxruntime model is a graph already
+        if config.trace_source and loaded.runtime == "torch":  # an onnxruntime model is a graph already
             graph = freeze_for_inference(self.source.model, config.input_size, config.channels_last, config.name)
             if graph is not None:
                 self.source.model = graph

@@ -34,6 +34,8 @@ class LoadedModel:
     fisher: adapters.FisherInfo | None
     #: EATA-C's confidence map fitted at start-up (None where none is fitted, ModelConfig.fits_confidence_map).
     confidence_map: tuple[float, float] | None = None
+    #: What runs ``module``: "torch", or "onnx" for the frozen fast path (service.onnx_classifier).
+    runtime: str = "torch"
 
 
 def resolve_device(name: str) -> torch.device:

@@ -90,4 +90,4 @@ def to_onnx_runtime(config: ModelConfig, loaded: LoadedModel, threads: int | Non
     scale = max(float(expected.abs().max()), 1e-6)
     if not diff <= TOLERANCE * scale:
         raise OnnxExportError(f"model {config.name!r}: onnxruntime and PyTorch logits differ by {diff:.3g}")
-    return LoadedModel(onnx_module, loaded.classes, None)
+    return LoadedModel(onnx_module, loaded.classes, None, runtime="onnx")

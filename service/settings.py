@@ -181,8 +181,10 @@ class ModelConfig(BaseModel):
         "shares only the redundancy moving average",
     )
     resume_snapshot: str | None = Field(None, description="named snapshot to load at start-up (Redis store)")
-    runtime: Literal["torch", "onnx"] = Field(
-        "torch", description="'onnx': serve a frozen (method 'source') model with onnxruntime from an ONNX export"
+    runtime: Literal["auto", "torch", "onnx"] = Field(
+        "auto", description="'onnx': serve a frozen (method 'source') model with onnxruntime from an ONNX export; "
+        "'auto': that for a frozen model on the CPU (measured 1.1-1.3x PyTorch's images/s, docs/benchmarks.md), "
+        "falling back to PyTorch with a warning when the export fails; PyTorch for everything else"
     )
     trace_source: bool = Field(
         True, description="answer with the frozen source model (method 'source', and small batches before any "

@@ -78,3 +78,18 @@ class _Exploding(nn.Module):
 
 def exploding_cnn() -> nn.Module:
     return _Exploding()
+
+
+class _Unexportable(nn.Module):
+    """A classifier with an operator the ONNX exporter has no mapping for (an FFT): PyTorch serves it only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = small_bn_cnn()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) + torch.fft.fft2(x).abs().mean() * 0.0
+
+
+def unexportable_cnn() -> nn.Module:
+    return _Unexportable()

@@ -479,8 +479,10 @@ def test_service_metrics_registries_are_independent():
 
 
 def test_a_model_fault_is_a_500_naming_only_its_type_and_the_server_keeps_serving():
+    # PyTorch on purpose: the model raises from Python, which an exported (or traced) graph would not keep.
     settings = Settings(models=[ModelConfig(name="fragile", factory="helpers:exploding_cnn", input_size=(8, 8),
-                                            method="source", trace_source=False, classes=[str(i) for i in range(10)])])
+                                            method="source", trace_source=False, runtime="torch",
+                                            classes=[str(i) for i in range(10)])])
     with TestClient(create_app(settings)) as c:
         x = np.full((1, 3, 8, 8), 0.5, np.float32)
         content, headers = v2_binary(x, "FP32")

@@ -453,3 +453,22 @@ def test_onnx_runtime_serves_a_frozen_classifier_like_pytorch(resnet20_weights):
         torch.testing.assert_close(loaded.module(x), module(x), atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="runtime 'onnx' serves frozen models only"):
         ModelConfig(name="r20", architecture="resnet20", method="eata", runtime="onnx")
+
+
+def test_a_frozen_model_on_the_cpu_is_served_by_onnxruntime_by_default_and_falls_back_to_pytorch(caplog):
+    from service.composition import EngineFactory
+    from service.onnx_classifier import OnnxModule
+    from service.settings import ModelConfig, Settings
+
+    def served_module(config: ModelConfig) -> torch.nn.Module:
+        return EngineFactory(Settings(models=[config], device="cpu"))(config).source.model
+
+    frozen = ModelConfig(name="d", architecture="digits", method="source")
+    assert frozen.runtime == "auto" and isinstance(served_module(frozen), OnnxModule)
+    assert not isinstance(served_module(frozen.model_copy(update={"runtime": "torch"})), OnnxModule)
+    assert not isinstance(served_module(ModelConfig(name="d", architecture="digits", method="eata")), OnnxModule)
+    # A model onnxruntime cannot run: 'auto' serves it with PyTorch and says why; 'onnx' refuses it.
+    unexportable = ModelConfig(name="u", factory="helpers:unexportable_cnn", input_size=(8, 8), method="source",
+                               classes=[str(i) for i in range(10)])
+    assert not isinstance(served_module(unexportable), OnnxModule)
+    assert "cannot serve with onnxruntime" in caplog.text and "serving it with PyTorch" in caplog.text
