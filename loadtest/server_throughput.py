@@ -40,7 +40,8 @@ from service.v2_client import binary_request
 from service.workers import WORKER_HEADER
 
 MODES = {
-    "off": {"method": "source"},
+    "off": {"method": "source"},  # the served default: onnxruntime on the CPU (runtime: auto)
+    "off-torch": {"method": "source", "runtime": "torch"},
     "off-onnx": {"method": "source", "runtime": "onnx"},
     "sync": {"method": "eata", "mode": "sync"},
     "sync-papers": {"method": "eata", "mode": "sync", "correlated_traffic": "never"},
@@ -232,7 +233,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, help="CIFAR-10 npz: images sent, and Fisher data "
                         "(default: $TTA_CIFAR10 or $TTA_SHARED)")
     parser.add_argument("--clients", default="1,8,32")
-    parser.add_argument("--modes", default="off,off-onnx,sync,async", help=f"any of {', '.join(MODES)}")
+    parser.add_argument("--modes", default="off,off-torch,sync,async", help=f"any of {', '.join(MODES)}")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the plain forward pass")
     parser.add_argument("--server-threads", type=int, help="TTA_THREADS of the server (default: the server's "
