@@ -142,9 +142,10 @@ def resolve_options(methods: Sequence[str], overrides: Mapping[str, Mapping[str,
                 f"unknown adaptation method {method!r}; choose one of {sorted(adapters.METHODS)}"
             )
     effective = {}
+    wanting = wanting_fitted_map(methods, overrides)
     for method in {*methods, *overrides}:
         given = dict(overrides.get(method, {}))
-        if method in wanting_fitted_map(methods, overrides):
+        if method in wanting:
             given["confidence_map"] = (0.0, 1.0)  # a stand-in to validate the rest; fitted once the model is loaded
         effective[method] = adapters.method_options(method, **given)
     return effective

@@ -8,12 +8,14 @@ from __future__ import annotations
 import importlib
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 import adapters
-from adapters.datasets import to_tensor
+from adapters.datasets import load_images, to_tensor
 from adapters.models import CheckpointError, Normalized, build_cifar_resnet, load_state_dict_file, load_weights
 from adapters.models.digits import DIGIT_CLASSES, digits_split, load_digits_model
 from service.errors import ModelLoadError
@@ -75,19 +77,26 @@ def _default_classes(config: ModelConfig, num_outputs: int) -> list[str]:
     return [str(i) for i in range(num_outputs)]
 
 
+def _clean_data(config: ModelConfig, path: Path | None) -> tuple[np.ndarray, np.ndarray, str] | None:
+    """Clean labelled images for start-up estimates: ``path``, else the built-in digits model's clean split
+    (it ships its data), else None; with a description for the logs."""
+    if path is not None:
+        x, y = load_images(path)
+        return x, y, str(path)
+    if config.architecture == "digits":
+        (x, y), _ = digits_split()
+        return x, y, "the digits model's clean split"
+    return None
+
+
 def _fisher(config: ModelConfig, module: nn.Module) -> adapters.FisherInfo | None:
     if not adapters.METHODS[config.method].uses_fisher:
         return None
     if config.fisher is not None:
         return adapters.FisherInfo.load(config.fisher, module)
-    if config.fisher_data is not None:
-        from adapters.datasets import load_images
-
-        x, _ = load_images(config.fisher_data)
-        return adapters.estimate_fisher(module, to_tensor(x[: config.fisher_size]))
-    if config.architecture == "digits":  # the built-in model ships its clean data
-        (x, _), _ = digits_split()
-        return adapters.estimate_fisher(module, to_tensor(x[: config.fisher_size]))
+    data = _clean_data(config, config.fisher_data)
+    if data is not None:
+        return adapters.estimate_fisher(module, to_tensor(data[0][: config.fisher_size]))
     log.warning("model %s: no Fisher information configured; EATA runs without its anti-forgetting term",
                 config.name)
     return None
@@ -97,19 +106,16 @@ def _confidence_map(config: ModelConfig, module: nn.Module) -> tuple[float, floa
     """Fit EATA-C's confidence map on labelled clean data (``confidence_data``, else ``fisher_data``, else the
     digits model's clean split), answering as EATA-C does before it adapts."""
     if not config.fits_confidence_map:
-        if config.method == "eata-c" and config.options.get("confidence", "auto") == "auto":
+        unmapped = config.options.get("confidence", "auto") == "auto" and config.options.get("confidence_map") is None
+        if config.method == "eata-c" and unmapped:
             log.warning("model %s: eata-c has no labelled clean data to fit its confidence map (confidence_data or "
                         "fisher_data); answers carry the full network's uncalibrated confidence", config.name)
         return None
     from adapters.confidence_map import fit_confidence_map_on_images
-    from adapters.datasets import load_images
 
-    source = config.confidence_data or config.fisher_data
-    if source is not None:
-        x, y = load_images(source)
-    else:
-        (x, y), _ = digits_split()
-        source = "the digits model's clean split"
+    data = _clean_data(config, config.confidence_data or config.fisher_data)
+    assert data is not None  # fits_confidence_map checked that there is some
+    x, y, source = data
     x, y = x[: config.confidence_size], y[: config.confidence_size]
     batch_size = max(2, min(64, config.max_batch_size))
     confidence_map = fit_confidence_map_on_images(module, to_tensor(x), torch.as_tensor(y), batch_size)

@@ -89,3 +89,19 @@ def test_without_confidence_data_the_map_is_fitted_on_the_fisher_set_or_the_buil
     chosen = ModelConfig(name="d", architecture="digits", method="eata-c", options={"confidence": "subnetwork"})
     assert load_model(chosen, cpu).confidence_map is None
     assert chosen.effective_options()["confidence"] == "subnetwork"
+
+
+def test_eata_c_without_clean_data_warns_once_and_not_when_its_map_is_configured(caplog):
+    from service.model_sources import load_model
+    from service.settings import ModelConfig
+
+    cpu = torch.device("cpu")
+    bare = ModelConfig(name="m", factory="helpers:small_bn_cnn", input_size=(8, 8), method="eata-c",
+                       classes=[str(i) for i in range(10)])
+    assert load_model(bare, cpu).confidence_map is None
+    assert "no labelled clean data to fit its confidence map" in caplog.text
+    caplog.clear()
+    mapped = bare.model_copy(update={"options": {"confidence_map": (-0.4, 0.5)}})
+    assert load_model(mapped, cpu).confidence_map is None  # nothing fitted: the configured map serves
+    assert mapped.effective_options()["confidence_map"] == (-0.4, 0.5)
+    assert "no labelled clean data" not in caplog.text
