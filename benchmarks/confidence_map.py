@@ -1,6 +1,6 @@
 """Fit EATA-C's ``confidence='fitted'`` map on clean labelled CIFAR-10 images and print it.
 
-    python -m benchmarks.confidence_map --first 8000 --count 2000
+    python -m benchmarks.confidence_map [--first N] [--count 2000]
     tta-serve bench --protocol mixed --methods eata-c --set eata-c.confidence=fitted \\
         --set 'eata-c.confidence_map=[A,B]' ...
 
@@ -20,20 +20,22 @@ import adapters
 from adapters.confidence_map import pre_adaptation_logits
 from adapters.datasets import to_tensor
 from benchmarks.data import checkpoint_path, cifar10_test_path
-from benchmarks.runner import load_clean, load_model
+from benchmarks.runner import CONFIDENCE_FIT_IMAGES, load_clean, load_model
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="resnet20")
-    parser.add_argument("--first", type=int, default=8000, help="first clean test image of the fitting set")
-    parser.add_argument("--count", type=int, default=2000, help="clean test images in the fitting set")
+    parser.add_argument("--first", type=int, default=None,
+                        help="first clean test image of the fitting set (default: the last --count, as the bench fits)")
+    parser.add_argument("--count", type=int, default=CONFIDENCE_FIT_IMAGES, help="clean test images in the fitting set")
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     model = load_model(args.model, checkpoint_path(args.model))
     x, y = load_clean(cifar10_test_path())
-    x, y = x[args.first : args.first + args.count], y[args.first : args.first + args.count]
+    first = max(0, len(y) - args.count) if args.first is None else args.first
+    x, y = x[first : first + args.count], y[first : first + args.count]
     if len(y) < 2:
         parser.error(f"--first {args.first} --count {args.count} selects {len(y)} images; need at least 2")
     logits, labels = pre_adaptation_logits(model, to_tensor(x), args.batch_size), torch.as_tensor(y)
