@@ -50,6 +50,17 @@ MODES = {
 }
 
 
+def mode_fields(mode: str) -> dict[str, Any]:
+    """A mode's model config fields; ``async-N`` is async mode adapting on N % of the served images even
+    under saturation (``adapt_traffic_share``)."""
+    if mode in MODES:
+        return MODES[mode]
+    name, _, percent = mode.rpartition("-")
+    if name == "async" and percent.isdigit() and 0 < int(percent) <= 100:
+        return {**MODES["async"], "adapt_traffic_share": int(percent) / 100}
+    raise SystemExit(f"unknown mode {mode!r}: any of {', '.join(MODES)}, or async-N (N % of the images adapted on)")
+
+
 def plain_forward(weights: Path, batch: int, seconds: float, channels_last: bool) -> float:
     """Images/s of ``model(x)`` under inference_mode at a fixed batch size."""
     model = build_cifar_resnet("resnet20", weights)
@@ -90,7 +101,7 @@ def plain_in_fresh_process(weights: Path, seconds: float, threads: int, tuned_al
 def write_config(folder: Path, mode: str, weights: Path, max_batch: int, max_delay_ms: float | None,
                  fisher_data: Path) -> Path:
     fields: dict[str, Any] = {"name": "resnet20", "architecture": "resnet20", "weights": str(weights),
-                              "max_batch_size": max_batch, **MODES[mode]}
+                              "max_batch_size": max_batch, **mode_fields(mode)}
     if max_delay_ms is not None:
         fields["max_delay_ms"] = max_delay_ms
     if fields["method"] != "source":
@@ -233,7 +244,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, help="CIFAR-10 npz: images sent, and Fisher data "
                         "(default: $TTA_CIFAR10 or $TTA_SHARED)")
     parser.add_argument("--clients", default="1,8,32")
-    parser.add_argument("--modes", default="off,off-torch,sync,async", help=f"any of {', '.join(MODES)}")
+    parser.add_argument("--modes", default="off,off-torch,sync,async",
+                        help=f"any of {', '.join(MODES)}, or async-N: async adapting on N %% of the served images "
+                        "even under saturation (adapt_traffic_share)")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the plain forward pass")
     parser.add_argument("--server-threads", type=int, help="TTA_THREADS of the server (default: the server's "

@@ -39,7 +39,8 @@ def batch_policy(config: ModelConfig) -> BatchPolicy:
     """Batching for ``config`` (the ``max_delay_ms`` field explains the two policies)."""
     share = config.adapt_time_share if config.mode == "async" else 1.0
     return BatchPolicy(config.max_batch_size, config.max_delay_ms / 1000, wait_from_free=config.adapts_in_sync,
-                       adapt_share=share, adapt_min_share=min(config.adapt_min_share, share))
+                       adapt_share=share, adapt_min_share=min(config.adapt_min_share, share),
+                       adapt_traffic_share=config.adapt_traffic_share if config.mode == "async" else 0.0)
 
 
 def split(images: torch.Tensor, max_batch_size: int, loop: asyncio.AbstractEventLoop) -> list[PendingRequest]:

@@ -372,7 +372,7 @@ class ModelEngine:
             self.observer.on_adapt_dropped(self.name, batch.shape[0])
             return
         self.counters.adapt_queued_batches += 1
-        self._worker.submit(lambda: self._step(batch), ADAPT)
+        self._worker.submit(lambda: self._step(batch), ADAPT, images=batch.shape[0])
 
     async def _evaluate_on_worker(self, model: adapters.Adapter, x: torch.Tensor) -> torch.Tensor:
         """No-update logits of ``x`` as a low-priority job (probe evaluations: not served traffic)."""

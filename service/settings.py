@@ -153,6 +153,12 @@ class ModelConfig(BaseModel):
         "so a saturated model still adapts and its forgetting probe stays current (0: only on spare capacity); at "
         "most adapt_time_share"
     )
+    adapt_traffic_share: float = Field(
+        0.0, ge=0, le=1, description="async mode: share of the served images that adaptation steps on even while "
+        "requests wait (saturation), whatever the load; a step runs ahead of waiting requests once the images "
+        "served since earn it (0: only adapt_min_share's time). The served images it does not cover are adapted "
+        "on as spare capacity and adapt_time_share allow"
+    )
     max_images_per_request: int = Field(64, ge=1)
     collapse_guard: bool = Field(True, description="reset on collapse signals (library default is off)")
     health_window: int = Field(

@@ -54,6 +54,10 @@ class BatchPolicy:
 
     ``adapt_min_share`` > 0 reserves that share of the thread's time for adaptation even while requests
     wait (a second bucket): without it a saturated model never adapts, since some request always waits.
+    ``adapt_traffic_share`` > 0 reserves adaptation for that share of the *served images* instead (a third
+    bucket, counted in images): a job of ``images`` images runs ahead of waiting requests once the images
+    served since earn it. A time share adapts on fewer images the faster batches are served; this one
+    states what a saturated model learns from, whatever the load.
     """
 
     max_batch: int
@@ -61,6 +65,7 @@ class BatchPolicy:
     wait_from_free: bool = False
     adapt_share: float = 1.0  # most of the thread's time adaptation jobs may take (1: whenever no request waits)
     adapt_min_share: float = 0.0  # share adaptation jobs get even while requests wait
+    adapt_traffic_share: float = 0.0  # share of served images adaptation jobs get even while requests wait
 
 
 class ModelWorker:
@@ -75,22 +80,24 @@ class ModelWorker:
         self._policy = policy or BatchPolicy(max_batch=1, max_delay_s=0.0)
         self._serve_batch = serve_batch
         self._cond = threading.Condition()
-        self._jobs: list[tuple[int, int, Callable[[], Any] | None, Future | None]] = []
+        self._jobs: list[tuple[int, int, Callable[[], Any] | None, Future | None, int]] = []
         self._requests: deque[Any] = deque()
         self._waiting_images = 0
         self._counter = itertools.count()
         self._stopping = False
         self._adapt_credit = _ADAPT_BURST_S  # seconds of adaptation the budget allows now
         self._reserved_credit = 0.0  # seconds of adaptation owed even while requests wait
+        self._image_credit = 0.0  # images of adaptation owed even while requests wait (adapt_traffic_share)
         self._credit_at = time.perf_counter()
         self._thread = threading.Thread(target=self._run, name=f"tta-worker-{name}", daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------------ any thread
-    def submit(self, fn: Callable[[], Any], priority: int = PREDICT) -> Future:
+    def submit(self, fn: Callable[[], Any], priority: int = PREDICT, images: int = 0) -> Future:
+        """Queue ``fn``; ``images``: the images an ``ADAPT`` job learns from (``adapt_traffic_share``)."""
         future: Future = Future()
         with self._cond:
-            heapq.heappush(self._jobs, (priority, next(self._counter), fn, future))
+            heapq.heappush(self._jobs, (priority, next(self._counter), fn, future, images))
             self._cond.notify()
         return future
 
@@ -121,7 +128,7 @@ class ModelWorker:
         """Serve waiting requests and finish queued jobs, then stop."""
         with self._cond:
             self._stopping = True  # waiting requests are due now
-            heapq.heappush(self._jobs, (_STOP, next(self._counter), None, None))
+            heapq.heappush(self._jobs, (_STOP, next(self._counter), None, None, 0))
             self._cond.notify()
         self._thread.join(timeout)
 
@@ -133,12 +140,16 @@ class ModelWorker:
                 job, batch = self._next(free_since)
             if batch is not None:
                 assert self._serve_batch is not None
+                if self._policy.adapt_traffic_share > 0:
+                    with self._cond:  # owed at most a batch: a share of what is served now, not a backlog
+                        self._image_credit = min(self._image_credit + self._policy.adapt_traffic_share
+                                                 * sum(r.size for r in batch), self._policy.max_batch)
                 try:
                     self._serve_batch(batch)
                 except BaseException:  # serve_batch answers its requests itself; never let the thread die
                     log.exception("serving a batch failed")
             elif job is not None:
-                priority, _, fn, future = job
+                priority, _, fn, future, images = job
                 if fn is None:
                     return
                 started = time.perf_counter()
@@ -153,6 +164,7 @@ class ModelWorker:
                         spent = time.perf_counter() - started
                         self._adapt_credit -= spent
                         self._reserved_credit -= spent
+                        self._image_credit = max(0.0, self._image_credit - images)
             free_since = time.perf_counter()
 
     def _next(self, free_since: float) -> tuple[tuple | None, list[Any] | None]:
@@ -196,8 +208,15 @@ class ModelWorker:
         return 0.0 if self._adapt_credit > 0 else -self._adapt_credit / share
 
     def _reserved_share_due(self) -> bool:
-        """Whether an adaptation job runs ahead of waiting requests now (its reserved share). Holds the lock."""
-        if self._policy.adapt_min_share <= 0 or self._stopping:
+        """Whether the next adaptation job runs ahead of waiting requests now (a reserved share: of the time or
+        of the served images). Holds the lock."""
+        if self._stopping:
+            return False
+        images = self._jobs[0][4]  # 0: not an adaptation step (a probe evaluation): the time share alone
+        owed = self._policy.adapt_traffic_share > 0 and images > 0
+        if owed and self._image_credit >= min(images, self._policy.max_batch):
+            return True
+        if self._policy.adapt_min_share <= 0:
             return False
         self._accrue()
         return self._reserved_credit > 0

@@ -121,3 +121,23 @@ def test_a_saturated_model_still_adapts_within_its_reserved_share():
 
     assert order_of_adaptation(0.0) == 50  # spare capacity only: after every waiting request
     assert order_of_adaptation(0.2) < 50  # reserved share: ahead of requests that still wait
+
+
+def test_a_saturated_model_adapts_on_its_share_of_the_served_images():
+    """adapt_traffic_share 0.25: a step on 8 images is earned by 32 served images (4 batches of 8), however
+    fast those batches are served; without a reserved share it waits for every queued request."""
+
+    def batches_served_before_the_step(traffic_share: float) -> int:
+        policy = BatchPolicy(max_batch=8, max_delay_s=0.0, adapt_share=0.5, adapt_traffic_share=traffic_share)
+        worker, recorder, release = blocked_worker(policy)
+        for i in range(12):
+            worker.put_request(Req(8, f"r{i}"))
+        done = worker.submit(recorder.job("adapt"), ADAPT, images=8)
+        release.set()
+        done.result(10)
+        worker.stop()
+        return recorder.events.index("adapt")
+
+    assert batches_served_before_the_step(0.25) == 4
+    assert batches_served_before_the_step(0.5) == 2
+    assert batches_served_before_the_step(0.0) == 12
