@@ -284,6 +284,24 @@ class Adapter:
             returned = self.calibrate(x, self.correct_output(logits, diversity, gated))
             return returned, self.model_divergence(logits)
 
+    def plain_pass_blend(self, n: int) -> float | None:
+        """The weight of the batch in the statistics every BatchNorm layer normalises with when :meth:`predict`
+        on ``n`` images now is the model's own output; None where it is more (LAME and the source weights
+        while ``bn_stats='auto'`` judges the traffic correlated, a method's own forward or calibration) or
+        without the switch. Such a pass may run as a traced graph that reads the live weights and averages
+        (the server's async answers): 1.0 (the batch alone) for a batch large enough to estimate statistics,
+        else ``bn_momentum`` (:meth:`_choose_statistics`)."""
+        if self.switch is None or self.switch.correlated or not self.traceable:
+            return None
+        return 1.0 if n >= AUTO_MIN_BATCH else self.options.bn_momentum  # type: ignore[attr-defined]
+
+    @contextmanager
+    def blended(self, blend: float) -> Iterator[None]:
+        """Inside, every layer normalises with ``blend`` of the batch (tracing a pass above); the next pass
+        sets its own statistics again (:meth:`_choose_statistics`)."""
+        normalise_blended(self.robust_layers, blend)
+        yield
+
     def _correlated_mode(self, gated: bool, x: torch.Tensor) -> bool:
         """Whether this pass serves ``bn_stats='auto'``'s correlated mode (the probe's normalisation)."""
         return self.switch is not None and gated and x.shape[0] >= AUTO_MIN_BATCH

@@ -43,6 +43,7 @@ class SmallBatchPredictor:
         self._recent_graph_tried = False
         self._batch_graph_module: torch.nn.Module | None = None
         self._batch_graph_tried = False
+        self._robust_graphs: dict[float, torch.nn.Module | None] = {}
 
     def remember(self, x: torch.Tensor) -> None:
         """Served inputs become context for later small batches."""
@@ -61,7 +62,12 @@ class SmallBatchPredictor:
         """Logits for ``x`` by the policy above (only batch-statistics methods come here), and each image's
         model divergence where the adapter computes one (EATA-C; None for the frozen fallback)."""
         if self.robust:  # moving-average (or source-mixed) statistics: any batch size, a lone image too
-            return self.adapter.predict_with_divergence(x)
+            blend = self.adapter.plain_pass_blend(x.shape[0])
+            graph = None if blend is None else self._robust_graph(blend)
+            if graph is None:
+                return self.adapter.predict_with_divergence(x)
+            with torch.no_grad():
+                return graph(x.to(self.adapter.device)), None
         n = x.shape[0]
         recent = self.recent
         if n >= self.config.min_adapt_batch:
@@ -89,6 +95,22 @@ class SmallBatchPredictor:
         padded = torch.cat([x, torch.stack(context).to(x.device)])
         logits, divergence = self.adapter.predict_with_divergence(padded)
         return logits[:n], None if divergence is None else divergence[:n]
+
+    def _robust_graph(self, blend: float) -> torch.nn.Module | None:
+        """The adapted model with robust statistics (``bn_stats='auto'``, the served default) normalising with
+        ``blend`` of the batch, as a traced graph that reads the live weights and averages, while the
+        traffic is judged i.i.d. (:meth:`adapters.Adapter.plain_pass_blend`). Next to a busy event loop the
+        eager pass takes the GIL per layer, which costs most at the small batches a saturated async model
+        also serves (docs/benchmarks.md). Built once per blend, on first use; None where tracing is off or
+        fails."""
+        if blend not in self._robust_graphs:
+            graph = None
+            if self.config.trace_source:
+                with self.adapter.blended(blend):
+                    graph = trace_shared(self.adapter.model, self.config.input_size, self.config.channels_last,
+                                         self.config.name)
+            self._robust_graphs[blend] = graph
+        return self._robust_graphs[blend]
 
     def _traceable(self) -> bool:
         """Whether the adapter's answers are its model's output (not EATA-C's own forward or calibration)

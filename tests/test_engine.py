@@ -291,6 +291,50 @@ def test_large_no_gradient_batches_are_answered_by_a_traced_batch_graph_that_kee
     torch.testing.assert_close(served, eager, atol=1e-5, rtol=1e-4)
 
 
+def test_async_answers_to_iid_traffic_come_from_a_traced_graph_that_follows_the_adapted_weights():
+    """The served default (correlated_traffic: auto): while the traffic is judged i.i.d., a large batch is
+    answered by a traced graph that reads the live weights, as the eager pass would answer it; while it is
+    judged correlated, by the eager pass (the probe's normalisation, LAME)."""
+
+    async def scenario():
+        engine = await started(make_engine(mode="async", correlated_traffic="auto", min_adapt_batch=16))
+        switch = engine.adapter.switch
+        switch.probe_due = lambda: False  # the test sets the judgement (random images may look correlated)
+        switch.correlated = False
+        x = images(32, seed=5)
+
+        async def served_and_eager(x: torch.Tensor = x) -> tuple[torch.Tensor, torch.Tensor]:
+            served = torch.stack([p.probabilities for p in await engine.predict(x)])
+            eager = await engine.run_on_worker(lambda: engine.adapter.predict(x).softmax(1))
+            return served, eager
+
+        first = await served_and_eager()
+        small = await served_and_eager(x[:4])  # too few to estimate statistics: blended with the moving average
+        graphs = engine.small_batch._robust_graphs
+        graph_used = graphs.get(1.0) is not None and graphs.get(engine.adapter.options.bn_momentum) is not None
+
+        def move_weights() -> None:
+            with torch.no_grad():
+                for p in engine.adapter.params.values():
+                    p.add_(0.3)
+
+        await engine.run_on_worker(move_weights)
+        moved = await served_and_eager()
+        graph, calls = engine.small_batch._robust_graphs[1.0], []
+        engine.small_batch._robust_graphs[1.0] = lambda batch: calls.append(1) or graph(batch)
+        switch.correlated = True
+        correlated = await served_and_eager()
+        await engine.stop()
+        return graph_used, first, small, moved, correlated, calls
+
+    graph_used, first, small, moved, correlated, calls_while_correlated = run(scenario())
+    assert graph_used
+    for served, eager in (first, small, moved, correlated):
+        torch.testing.assert_close(served, eager, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(moved[0], first[0], atol=1e-3)  # the graph answers with the updated weights
+    assert not calls_while_correlated  # correlated: the eager pass (the probe's normalisation, LAME)
+
+
 def test_a_probe_evaluation_does_not_change_the_statistics_small_batches_are_normalised_with():
     from service.health import ProbeSet
 
