@@ -54,6 +54,7 @@ SERVERS: dict[str, tuple[str, torchserve.TorchServeConfig | str]] = {
     "sync": ("tta-serve, EATA sync (binary v2 uint8)", "sync"),
     "sync-eff": ("tta-serve, EATA sync, efficiency: efficient", "sync-efficient"),
     "async": ("tta-serve, EATA async (binary v2 uint8)", "async"),
+    "async-25": ("tta-serve, EATA async, adapt_traffic_share 0.25", "async-25"),
     "off-2w": ("tta-serve, adaptation off, 2 worker processes (--workers 2)", "off:2"),
     "sync-2w": ("tta-serve, EATA sync, 2 worker processes (worker 0 adapts)", "sync:2"),
 }
