@@ -1,28 +1,32 @@
-"""The model-thread ceiling benchmark measures each mode's engine as the server builds it."""
+"""The model-thread ceiling benchmark (loadtest/model_thread_cost.py) measures each mode's engine as the
+server builds it. ``loadtest`` is a checkout tool, not part of the installed package, so the command runs
+as a subprocess from the checkout (as tests/test_loadtest_side_by_side.py does)."""
 
 from __future__ import annotations
 
-import pytest
-import torch
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 from benchmarks.data import cifar10_test_path
-from loadtest.model_thread_cost import measure_mode
+
+REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    """measure_mode configures torch as the server would (its thread count): restore the suite's."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_a_sync_engine_reports_its_answer_and_its_slower_adaptation_step(resnet20_weights):
-    rates = measure_mode("sync", resnet20_weights, cifar10_test_path(), seconds=0.3, contend="thread")
-    assert rates["threads"] >= 1
-    assert 0 < rates["step"] < rates["answer"]  # a step adds a backward pass to the answer's forward
-
-
-def test_a_frozen_engine_has_no_step(resnet20_weights):
-    rates = measure_mode("off", resnet20_weights, cifar10_test_path(), seconds=0.2, contend=None)
-    assert rates["answer"] > 0 and "step" not in rates
+def test_the_one_command_reports_answers_and_a_slower_step_for_each_mode(tmp_path, resnet20_weights):
+    out = tmp_path / "cost.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "loadtest.model_thread_cost", "--modes", "off,sync", "--seconds", "0.3",
+         "--contend", "thread", "--weights", str(resnet20_weights), "--data", str(cifar10_test_path()),
+         "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "200"},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "beside a busy thread" in done.stdout
+    report = json.loads(out.read_text())
+    off, sync = report["modes"]["off"], report["modes"]["sync"]
+    assert report["plain"] > 0 and report["contend"] == "thread"
+    assert off["answer"] > 0 and "step" not in off  # a frozen model has no step
+    assert 0 < sync["step"] < sync["answer"]  # a step adds a backward pass to the answer's forward
