@@ -24,7 +24,7 @@ from adapters.fisher import FisherInfo, FisherMismatchError, estimate_fisher
 from adapters.guard import RESET_REASONS, CollapseGuardOptions
 from adapters.metrics import CalibrationAccumulator, accuracy, expected_calibration_error, forgetting
 from adapters.prob_cache import InProcessProbabilityCache, ProbabilityCache
-from adapters.registry import METHODS, AdapterConfigError, create, method_options
+from adapters.registry import METHODS, AdapterConfigError, create, method_options, wants_fitted_confidence_map
 from adapters.state_check import IncompatibleState
 
 __all__ = [
@@ -56,4 +56,5 @@ __all__ = [
     "method_options",
     "model_hash",
     "pre_adaptation_logits",
+    "wants_fitted_confidence_map",
 ]

@@ -39,6 +39,16 @@ def method_options(method: str, **options: Any) -> Any:
         raise AdapterConfigError(f"invalid options for method {method!r}: {problems} (valid: {valid})") from None
 
 
+def wants_fitted_confidence_map(method: str, options: dict[str, Any]) -> bool:
+    """Whether ``method`` with ``options`` answers with a fitted confidence map that nobody gave: its
+    ``confidence`` option is 'fitted' or 'auto' (EATA-C's default) and no ``confidence_map`` is set. The server
+    and the bench then fit one from clean labelled data they hold (adapters.confidence_map)."""
+    field = METHODS[method].Options.model_fields.get("confidence") if method in METHODS else None
+    if field is None:
+        return False
+    return options.get("confidence", field.default) in ("auto", "fitted") and options.get("confidence_map") is None
+
+
 def _method_class(method: str) -> type[Adapter]:
     if method not in METHODS:
         raise AdapterConfigError(f"unknown adaptation method {method!r}; choose one of {sorted(METHODS)}")

@@ -157,16 +157,10 @@ CONFIDENCE_FIT_IMAGES = 2000
 
 
 def wanting_fitted_map(methods: Sequence[str], overrides: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    """Methods whose confidence is 'fitted' or 'auto' (EATA-C's default) with no ``confidence_map`` given: the
-    bench fits one for them from clean labelled images it holds, as the server does from its Fisher set."""
-    wanting = []
-    for method in dict.fromkeys([*methods, *overrides]):
-        field = adapters.METHODS[method].Options.model_fields.get("confidence")
-        given = overrides.get(method, {})
-        if field is not None and given.get("confidence", field.default) in ("auto", "fitted") and given.get(
-                "confidence_map") is None:
-            wanting.append(method)
-    return wanting
+    """Methods that answer with a fitted confidence map nobody gave (:func:`adapters.wants_fitted_confidence_map`):
+    the bench fits one for them from clean labelled images it holds, as the server does from its Fisher set."""
+    return [m for m in dict.fromkeys([*methods, *overrides])
+            if adapters.wants_fitted_confidence_map(m, dict(overrides.get(m, {})))]
 
 
 def with_fitted_maps(methods: Sequence[str], overrides: Mapping[str, Mapping[str, Any]], model: nn.Module,

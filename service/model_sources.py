@@ -106,8 +106,7 @@ def _confidence_map(config: ModelConfig, module: nn.Module) -> tuple[float, floa
     """Fit EATA-C's confidence map on labelled clean data (``confidence_data``, else ``fisher_data``, else the
     digits model's clean split), answering as EATA-C does before it adapts."""
     if not config.fits_confidence_map:
-        unmapped = config.options.get("confidence", "auto") == "auto" and config.options.get("confidence_map") is None
-        if config.method == "eata-c" and unmapped:
+        if adapters.wants_fitted_confidence_map(config.method, config.options):  # no labelled clean data
             log.warning("model %s: eata-c has no labelled clean data to fit its confidence map (confidence_data or "
                         "fisher_data); answers carry the full network's uncalibrated confidence", config.name)
         return None

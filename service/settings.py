@@ -247,9 +247,7 @@ class ModelConfig(BaseModel):
         ``fisher_data``, else the built-in digits model's clean split) and neither another confidence nor a map
         configured."""
         has_data = self.confidence_data is not None or self.fisher_data is not None or self.architecture == "digits"
-        confidence = self.options.get("confidence", "auto")
-        wants_map = confidence in ("auto", "fitted") and self.options.get("confidence_map") is None
-        return self.method == "eata-c" and has_data and wants_map
+        return has_data and adapters.wants_fitted_confidence_map(self.method, self.options)
 
     def effective_options(self, confidence_map: tuple[float, float] | None = None) -> dict[str, Any]:
         """Method options with the service's defaults applied (options set in the config always win):
