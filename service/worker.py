@@ -140,10 +140,6 @@ class ModelWorker:
                 job, batch = self._next(free_since)
             if batch is not None:
                 assert self._serve_batch is not None
-                if self._policy.adapt_traffic_share > 0:
-                    with self._cond:  # owed at most a batch: a share of what is served now, not a backlog
-                        self._image_credit = min(self._image_credit + self._policy.adapt_traffic_share
-                                                 * sum(r.size for r in batch), self._policy.max_batch)
                 try:
                     self._serve_batch(batch)
                 except BaseException:  # serve_batch answers its requests itself; never let the thread die
@@ -230,4 +226,7 @@ class ModelWorker:
             batch.append(request)
             size += request.size
         self._waiting_images -= size
+        # adapt_traffic_share: these images earn adaptation, owed at most a batch (a share of what is served now,
+        # not a backlog)
+        self._image_credit = min(self._image_credit + self._policy.adapt_traffic_share * size, self._policy.max_batch)
         return batch
