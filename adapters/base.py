@@ -295,12 +295,10 @@ class Adapter:
             return None
         return 1.0 if n >= AUTO_MIN_BATCH else self.options.bn_momentum  # type: ignore[attr-defined]
 
-    @contextmanager
-    def blended(self, blend: float) -> Iterator[None]:
-        """Inside, every layer normalises with ``blend`` of the batch (tracing a pass above); the next pass
-        sets its own statistics again (:meth:`_choose_statistics`)."""
+    def normalise_blended(self, blend: float) -> None:
+        """Until the next pass sets its own statistics (:meth:`_choose_statistics`), every layer normalises
+        with ``blend`` of the batch: how a pass above is traced."""
         normalise_blended(self.robust_layers, blend)
-        yield
 
     def _correlated_mode(self, gated: bool, x: torch.Tensor) -> bool:
         """Whether this pass serves ``bn_stats='auto'``'s correlated mode (the probe's normalisation)."""

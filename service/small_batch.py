@@ -106,9 +106,9 @@ class SmallBatchPredictor:
         if blend not in self._robust_graphs:
             graph = None
             if self.config.trace_source:
-                with self.adapter.blended(blend):
-                    graph = trace_shared(self.adapter.model, self.config.input_size, self.config.channels_last,
-                                         self.config.name)
+                self.adapter.normalise_blended(blend)
+                graph = trace_shared(self.adapter.model, self.config.input_size, self.config.channels_last,
+                                     self.config.name)
             self._robust_graphs[blend] = graph
         return self._robust_graphs[blend]
 
